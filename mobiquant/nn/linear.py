@@ -1,0 +1,192 @@
+"""MoBiQuantLinear: a linear layer stored as E bit-sliced planes, run at a per-token number of slices.
+
+Stored (buffers, all in the state dict):
+
+    plane_e  (N, K * b_e / 8) uint8   slice e's codes, one packed plane per slice (quant/packing.py)
+    scale    (N, G) fp16              s_1, the shared base scale of each group
+    zero     (N, G) fp16              z_1, the base zero point (in units of s_1)
+    bias     (N,)                     kept in full precision, as in nn.Linear
+
+Forward ``y = layer(x)`` with x (..., K) reads the slice count k from the caller's ``mobiquant.precision(...)``
+block (or the ``k=`` argument): an int for all tokens or one count per token (shaped like x[..., 0]).
+
+Two torch paths give the same result (up to fp32 summation order):
+
+* **slices** (reference, no extra memory): y = Σ_e x[n_t ≥ e] ΔŴ_eᵀ. Slice e's plane is unpacked and its
+  partial product computed only for the tokens that use it (paper Eq. 6); a token at k slices costs k products.
+* **dense** (the CPU fast path, on by default): Ŵ_k is materialised once per precision k actually used and cached;
+  tokens are grouped by k and each group is one ``F.linear``. Decode then costs what the unquantized layer costs,
+  at the price of up to E dense weights in memory (benchmarks/elastic_ppl.py reports it). Never a dense weight per
+  token. ``set_dense_cache_(model, False)`` switches a model to the reference path and frees the caches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoBiQuantConfig
+from ..errors import MoBiQuantError
+from ..precision import current_precision
+from ..quant import packing, slices
+
+
+class MoBiQuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        slice_bits: tuple[int, ...],
+        group_size: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if in_features % group_size:
+            raise MoBiQuantError(f"group_size {group_size} does not divide in_features={in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.slice_bits, self.group_size = tuple(slice_bits), group_size
+        N, K, G = out_features, in_features, in_features // group_size
+        for e, b in enumerate(self.slice_bits, start=1):
+            self.register_buffer(f"plane_{e}", torch.zeros(N, K * b // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(N, G, dtype=slices.STORAGE_DTYPE, device=device))
+        self.register_buffer("zero", torch.zeros(N, G, dtype=slices.STORAGE_DTYPE, device=device))
+        self.bias = nn.Parameter(torch.zeros(N, device=device, dtype=dtype)) if bias else None
+        self.dense_cache = True
+        self._dense: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        config: MoBiQuantConfig,
+        clip_max: torch.Tensor | None = None,
+        clip_min: torch.Tensor | None = None,
+    ) -> MoBiQuantLinear:
+        """Slice ``linear.weight`` (optionally with calibrated clipping factors, each (N, G))."""
+        N, K = linear.weight.shape
+        g = config.group_size_for(K)
+        q = cls(K, N, config.slice_bits, g, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        q.set_weight_(linear.weight.detach(), clip_max, clip_min)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    @torch.no_grad()
+    def set_weight_(self, W: torch.Tensor, clip_max=None, clip_min=None) -> None:
+        """(Re)quantize from a full-precision weight W (N, K)."""
+        codes, s_1, z_1 = slices.decompose(W, self.group_size, self.slice_bits, clip_max, clip_min)
+        for e, (c, b) in enumerate(zip(codes, self.slice_bits), start=1):
+            getattr(self, f"plane_{e}").copy_(packing.pack_nbit_u8(c, b))
+        self.scale.copy_(s_1.to(self.scale.dtype))
+        self.zero.copy_(z_1.to(self.zero.dtype))
+        self._dense.clear()
+
+    # ---------------------------------------------------------------- slices and weights
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_bits)
+
+    def plane(self, e: int) -> torch.Tensor:
+        return getattr(self, f"plane_{e}")
+
+    def codes(self, e: int) -> torch.Tensor:
+        """c_e (N, K) uint8, unpacked from plane e (1-based)."""
+        return packing.unpack_nbit_u8(self.plane(e), self.slice_bits[e - 1], self.in_features)
+
+    def weight_k(self, k: int) -> torch.Tensor:
+        """Ŵ_k (N, K) fp32 from the first k planes (shift-and-add, one shared scale)."""
+        self._check_k(k)
+        codes = [self.codes(e) for e in range(1, k + 1)]
+        return slices.reconstruct(codes, self.scale.float(), self.zero.float(), self.slice_bits)
+
+    def delta(self, e: int) -> torch.Tensor:
+        """ΔŴ_e (N, K) fp32 from plane e alone."""
+        return slices.slice_delta(self.codes(e), self.scale.float(), self.zero.float(), self.slice_bits, e)
+
+    def bits_per_weight(self, k: int | None = None) -> float:
+        """Storage read at k slices (default: all), per weight: codes + fp16 scale + fp16 zero point."""
+        k = self.num_slices if k is None else k
+        return sum(self.slice_bits[:k]) + 2 * 16 / self.group_size
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.num_slices:
+            raise MoBiQuantError(f"k={k} slices requested; this layer has 1..{self.num_slices}")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, k: int | torch.Tensor | None = None) -> torch.Tensor:
+        if k is None:
+            p = current_precision()
+            k = p.k if p is not None else None
+        if k is None:
+            k = self.num_slices
+        if isinstance(k, torch.Tensor):
+            if k.shape != x.shape[:-1]:
+                raise MoBiQuantError(f"per-token slice counts of shape {tuple(k.shape)} do not match tokens "
+                                     f"{tuple(x.shape[:-1])}")
+            lo, hi = (int(v) for v in torch.aminmax(k))
+            self._check_k(lo)
+            self._check_k(hi)
+            if lo == hi:
+                k = lo
+        else:
+            self._check_k(int(k))
+        if isinstance(k, int):
+            if self.dense_cache:
+                return F.linear(x, self._dense_weight(k, x.dtype, x.device), self.bias)
+            y = F.linear(x, self.delta(1).to(x.dtype), self.bias)
+            for e in range(2, k + 1):
+                y = y + F.linear(x, self.delta(e).to(x.dtype))
+            return y
+        return self._forward_mixed(x, k)
+
+    def _forward_mixed(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K), M = tokens
+        kf = k.reshape(-1)  # (M,)
+        if self.dense_cache:  # tokens grouped by k: one F.linear per precision present
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            for kk in torch.unique(kf).tolist():
+                idx = (kf == kk).nonzero().squeeze(1)
+                y[idx] = F.linear(x2[idx], self._dense_weight(kk, x.dtype, x.device), self.bias)
+        else:  # slice e only for the tokens with n_t >= e
+            y = F.linear(x2, self.delta(1).to(x.dtype), self.bias)
+            for e in range(2, int(kf.max()) + 1):
+                idx = (kf >= e).nonzero().squeeze(1)
+                y.index_add_(0, idx, F.linear(x2[idx], self.delta(e).to(x.dtype)))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_weight(self, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (k, dtype, device)
+        W = self._dense.get(key)
+        if W is None:
+            W = self._dense[key] = self.weight_k(k).to(device=device, dtype=dtype)
+        return W
+
+    def dense_cache_bytes(self) -> int:
+        return sum(W.numel() * W.element_size() for W in self._dense.values())
+
+    # ---------------------------------------------------------------- housekeeping
+    def _apply(self, fn, recurse=True):
+        self._dense.clear()  # moved or cast: rebuild on demand
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, slice_bits={self.slice_bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def set_dense_cache_(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the per-precision dense weight cache of every MoBiQuantLinear on or off (off frees it)."""
+    for m in model.modules():
+        if isinstance(m, MoBiQuantLinear):
+            m.dense_cache = enabled
+            m._dense.clear()
+    return model

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random LLaMA-family models built from configs (no downloads) and the embedded model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tiny(family: str, tie: bool = False):
+    import transformers
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # q/k/v carry a bias
+    }[family]
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**common)).eval()
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2"])
+def tiny_model(request):
+    return _tiny(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return _tiny("llama", tie=True)
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return _tiny("qwen2")
+
+
+def save_tiny_model_dir(model, path):
+    """A local HF model directory: the model plus a word-level tokenizer over its 96 ids ("w0" .. "w94")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(95)} | {"[UNK]": 95}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tiny_llama, tmp_path):
+    return save_tiny_model_dir(tiny_llama, tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    """A text of 400 words of the tiny vocabulary, with some structure so that perplexity is meaningful."""
+    g = torch.Generator().manual_seed(0)
+    words = [f"w{int(i) % 95}" for i in torch.randint(0, 20, (400,), generator=g)]
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(words) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per test session (~20 s)."""
+    from mobiquant.models import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

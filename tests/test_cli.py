@@ -1,0 +1,74 @@
+"""The CLI end to end on a tiny local model directory, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mobiquant.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_writes_table_and_json(capsys, tiny_dir, tiny_text, tmp_path):
+    out_json = tmp_path / "rows.json"
+    code, out, err = run(capsys, "eval", "--model", tiny_dir, "--text", tiny_text, "--seqlen", 64, "--windows", 3,
+                         "--bits", "2,8", "--group-size", 32, "--json", out_json, "--no-progress")
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())
+    assert [r["method"] for r in rows] == ["fp", "rtn", "rtn", "slices", "slices"]
+    assert set(rows[0]) == {"method", "bits_requested", "bits_realized", "ppl", "tokens", "seconds"}
+    assert all(r["tokens"] == 3 * 64 and r["ppl"] > 1 for r in rows)
+    assert "slices" in out and "bits_realized" in out
+
+
+def test_quantize_then_eval_checkpoint(capsys, tiny_dir, tiny_text, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    code, out, err = run(capsys, "quantize", "--model", tiny_dir, "--out", ckpt, "--group-size", 32,
+                         "--slice-bits", "3,1,1,1,1,1")
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", "--checkpoint", ckpt, "--text", tiny_text, "--seqlen", 64,
+                         "--bits", "3,8", "--methods", "fp,slices", "--no-progress")
+    assert code == 0, err
+    assert out.count("slices") == 2 and "fp" in out  # fp comes from the source model recorded in the checkpoint
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "./no/such/dir"], "no such file or directory"),
+    (["--model", "not-a-model"], "unknown model"),
+    (["--group-size", "48"], "does not divide"),
+    (["--bits", "9", "--methods", "rtn"], "integer width 2..8"),
+    (["--bits", "3", "--methods", "slices"], "not a uniform precision"),
+    (["--methods", "bogus"], "unknown method"),
+    (["--seqlen", "100000"], "fewer than one window"),
+    (["--windows", "0"], "at least 1"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, tiny_dir, tiny_text, extra, message):
+    argv = ["eval", "--text", tiny_text, "--no-progress", "--seqlen", 64]
+    argv += extra if "--model" in extra else ["--model", tiny_dir, *extra]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("mobiquant: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_empty_text_file(capsys, tiny_dir, tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    code, _, err = run(capsys, "eval", "--model", tiny_dir, "--text", tmp_path / "e.txt")
+    assert code == 2 and "is empty" in err
+
+
+def test_missing_checkpoint(capsys, tiny_text, tmp_path):
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "none", "--text", tiny_text)
+    assert code == 2 and "no such checkpoint directory" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mobiquant", "eval", "--text", str(tmp_path / "x.txt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"mobiquant: error: no such text file: {tmp_path / 'x.txt'}"
