@@ -95,11 +95,16 @@ def speed(args, model, tok, config) -> tuple[list[dict], dict]:
     for _, m, kfn, kp in cases:
         decode_tok_s(m, prompt, 2, kfn)
         prefill_s(m, long[:, :64], kp if not isinstance(kp, torch.Tensor) else kp[:, :64])
-    rows = []
-    for name, m, kfn, kp in cases:
-        tps = [decode_tok_s(m, prompt, args.decode_steps, kfn) for _ in range(args.repeats)]
-        pre = [prefill_s(m, long, kp) for _ in range(args.repeats)]
-        rows.append({"case": name, "decode_tok_s": statistics.median(tps), "prefill_s": statistics.median(pre)})
+    # interleaved rounds (every case once per round, median over rounds): a slow spell of the machine hits all
+    # cases alike instead of whichever happened to run then
+    tps = {name: [] for name, *_ in cases}
+    pre = {name: [] for name, *_ in cases}
+    for _ in range(args.repeats):
+        for name, m, kfn, kp in cases:
+            tps[name].append(decode_tok_s(m, prompt, args.decode_steps, kfn))
+            pre[name].append(prefill_s(m, long, kp))
+    rows = [{"case": name, "decode_tok_s": statistics.median(tps[name]), "prefill_s": statistics.median(pre[name])}
+            for name, *_ in cases]
     base = rows[0]
     for r in rows:
         r["decode_vs_unquantized"] = r["decode_tok_s"] / base["decode_tok_s"]
@@ -144,7 +149,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--slice-bits", default="2,2,2,2")
     p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-quality", action="store_true", help="time only; keep the quality rows of an existing --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "elastic_ppl_cpu.json"))
     args = p.parse_args()

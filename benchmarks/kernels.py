@@ -1,0 +1,428 @@
+"""Benchmark of the sliced kernels on the LLaMA-3-8B linear stack (issue 5), against fp16 cuBLAS and int4 tinygemm.
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernels.py                 # full run: check, decode stack, prefill, JSON
+    python benchmarks/kernels.py --layers 4 --quick                 # smoke: fewer layers, fewer variants
+    python benchmarks/kernels.py --tune --out kernels/configs/h100.json   # sweep launch configs per shape
+    python benchmarks/kernels.py --profile-one                      # one launch per k, for ncu instruction counts
+
+Stack: 32 layers x (q 4096x4096, k 1024x4096, v 1024x4096, o 4096x4096, gate 14336x4096, up 14336x4096,
+down 4096x14336), random weights quantized by the library (mobiquant.quant.slices, group 128, slices 2/2/2/2),
+then converted (mobiquant.kernels.pack_slices). One token step = the 224 linears, captured in one CUDA graph, timed by
+replaying it (median of several batches of replays, CUDA events). Bytes are what each kernel must read (weights,
+scales, zero points); % is of the measured device-to-device copy bandwidth (bytes read + written / time).
+Correctness of every kernel variant is checked against the dense torch reference before any timing.
+"""
+
+# ruff: noqa: B023, B007  (closures are called inside the loop iteration that defines them)
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from mobiquant.kernels import pack_slices, sliced_gemm, sliced_gemv
+from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
+
+from mobiquant.quant import packing, slices
+
+SHAPES = {  # name: (N = out_features, K = in_features)
+    "q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+    "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336),
+}
+GROUP = 128
+BITS = (2, 2, 2, 2)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+def quantize_layer(W: torch.Tensor):
+    """fp16 W (N, K) on the GPU -> PackedSlices through the library's own format."""
+    codes, s1, z1 = slices.decompose(W.float(), GROUP, BITS)
+    planes = [packing.pack_nbit_u8(c, 2) for c in codes]
+    return pack_slices(planes, s1.half(), z1.half(), BITS)
+
+
+def int4_tinygemm(W: torch.Tensor):
+    """(packed int4 weight, scales_and_zeros) for torch._weight_int4pack_mm, asymmetric, group 128."""
+    N, K = W.shape
+    Wg = W.float().reshape(N, K // GROUP, GROUP)
+    lo, hi = Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(1e-6)
+    q = ((Wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(N, K)
+    zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+    sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    packed = torch._convert_weight_to_int4pack(u8, 8)
+    return packed, sz
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy (median of 20)."""
+    a = torch.empty(1 << 30, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    ts = time_fn(lambda: b.copy_(a), reps=20)
+    return 2 * (1 << 31) / (ts * 1e-3)
+
+
+def time_fn(fn, reps=20, warm=3) -> float:
+    """Median ms of fn() over reps, each timed with CUDA events."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def time_graph(run, reps=10, inner=5) -> float:
+    """Capture run() once in a CUDA graph; median ms per replay (batches of `inner` replays)."""
+    run()  # warm-up / compile / workspace allocation, outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        run()
+    torch.cuda.synchronize()
+    return time_fn(lambda: [g.replay() for _ in range(inner)], reps=reps) / inner
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check(packed, M, kvals, dtype, fn=sliced_gemv, **kw):
+    """max |y - ref| / max |ref| and ||y - ref|| / ||ref|| against the fp32 dense reference; NaN-poisoned output."""
+    N, K = packed.out_features, packed.in_features
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    k = torch.tensor(kvals, dtype=torch.int32, device="cuda")
+    y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    fn(x, packed, k, out=y, **kw)
+    torch.cuda.synchronize()
+    ref = sliced_gemv_ref(x.float(), packed, k).float()
+    err = (y.float() - ref)
+    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item(), bool(torch.isfinite(y).all())
+
+
+def mixed_k(M, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 5, (M,), generator=g).tolist()
+
+
+def stack_bytes(kind, k=None):
+    tot = 0
+    for N, K in SHAPES.values():
+        G = K // GROUP
+        if kind == "ours":
+            tot += N * K // 4 * k + 2 * G * N * 2
+        elif kind == "fp16":
+            tot += N * K * 2
+        elif kind == "int4":
+            tot += N * K // 2 + G * N * 2 * 2
+    return tot
+
+
+# ------------------------------------------------------------------------------------------------ main parts
+def run_checks(layers, results):
+    log("== correctness (max err / max |ref|, ||err|| / ||ref||; NaN-poisoned outputs)")
+    worst = 0.0
+    L0 = layers[0]
+    for name, (N, K) in SHAPES.items():
+        if name in ("v", "up"):
+            continue
+        p = L0[name]["ours"]
+        for dtype in (torch.float16, torch.bfloat16):
+            cases = [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, [4, 4, 4, 4]), (4, mixed_k(4)), (16, mixed_k(16, 1))]
+            for M, kv in cases:
+                mx, rel, fin = check(p, M, kv, dtype)
+                worst = max(worst, rel)
+                ok = fin and mx < (2e-3 if dtype == torch.float16 else 1.6e-2)
+                results["checks"].append(dict(kernel="gemv", shape=name, dtype=str(dtype), M=M, k=kv, max_rel=mx,
+                                              norm_rel=rel, finite=fin, ok=ok))
+                if not ok:
+                    log(f"FAIL gemv {name} {dtype} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
+            M = 300
+            mx, rel, fin = check(p, M, mixed_k(M, 2), dtype, fn=sliced_gemm)
+            ok = fin and mx < (2e-3 if dtype == torch.float16 else 1.6e-2)
+            results["checks"].append(dict(kernel="gemm", shape=name, dtype=str(dtype), M=M, k="mixed", max_rel=mx,
+                                          norm_rel=rel, finite=fin, ok=ok))
+            if not ok:
+                log(f"FAIL gemm {name} {dtype} M={M}: max {mx:.2e} norm {rel:.2e} finite {fin}")
+    nfail = sum(not c["ok"] for c in results["checks"])
+    log(f"   {len(results['checks'])} checks, {nfail} failed, worst norm-relative error {worst:.2e}")
+    return nfail == 0
+
+
+def decode_stack(layers, results, batches, bw, quick=False):
+    log("== decode: whole stack per token step, CUDA graph")
+    rows = results["decode"]
+    for M in batches:
+        xin = {K: torch.randn(M, K, device="cuda", dtype=torch.float16) for K in (4096, 14336)}
+        outs = {name: torch.empty(M, N, device="cuda", dtype=torch.float16) for name, (N, K) in SHAPES.items()}
+        # fp16 cuBLAS
+        def run_fp16():
+            for L in layers:
+                for name, (N, K) in SHAPES.items():
+                    torch.mm(xin[K], L[name]["fp16"].t(), out=outs[name])
+        ms = time_graph(run_fp16)
+        rows.append(dict(kernel="cublas_fp16", M=M, k="-", ms=ms, bytes=stack_bytes("fp16") * len(layers),
+                         pct_copy_bw=100 * stack_bytes("fp16") * len(layers) / (ms * 1e-3) / bw))
+        log(f"   M={M:2d} cublas fp16       {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+        # int4 tinygemm
+        if "int4" in layers[0]["q"]:
+            xb = {K: v.to(torch.bfloat16) for K, v in xin.items()}
+            def run_int4():
+                for L in layers:
+                    for name, (N, K) in SHAPES.items():
+                        w, sz = L[name]["int4"]
+                        torch._weight_int4pack_mm(xb[K], w, GROUP, sz)
+            ms = time_graph(run_int4)
+            rows.append(dict(kernel="tinygemm_int4", M=M, k="-", ms=ms, bytes=stack_bytes("int4") * len(layers),
+                             pct_copy_bw=100 * stack_bytes("int4") * len(layers) / (ms * 1e-3) / bw))
+            log(f"   M={M:2d} tinygemm int4     {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+        kcases = [[1] * M, [2] * M, [3] * M, [4] * M]
+        if M > 1:
+            kcases.append(mixed_k(M, 3))
+        if quick:
+            kcases = [[1] * M, [2] * M, [4] * M] + ([mixed_k(M, 3)] if M > 1 else [])
+        for kv in kcases:
+            k = torch.tensor(kv, dtype=torch.int32, device="cuda")
+            def run_ours():
+                for L in layers:
+                    for name, (N, K) in SHAPES.items():
+                        sliced_gemv(xin[K], L[name]["ours"], k, out=outs[name])
+            ms = time_graph(run_ours)
+            kmax = max(kv)
+            b = stack_bytes("ours", kmax) * len(layers)
+            label = str(kv[0]) if len(set(kv)) == 1 else "mixed" + str(kv)
+            rows.append(dict(kernel="sliced_gemv", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms, bytes=b,
+                             pct_copy_bw=100 * b / (ms * 1e-3) / bw))
+            log(f"   M={M:2d} sliced k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+
+
+def prefill(layers, results, M=2048, n_layers=2):
+    log(f"== prefill: {M} tokens, mixed k, {n_layers} layers (7 linears each), CUDA graph")
+    Ls = layers[:n_layers]
+    xin = {K: torch.randn(M, K, device="cuda", dtype=torch.float16) for K in (4096, 14336)}
+    outs = {name: torch.empty(M, N, device="cuda", dtype=torch.float16) for name, (N, K) in SHAPES.items()}
+    def run_fp16():
+        for L in Ls:
+            for name, (N, K) in SHAPES.items():
+                torch.mm(xin[K], L[name]["fp16"].t(), out=outs[name])
+    t16 = time_graph(run_fp16, reps=5, inner=2)
+    flops = sum(2 * M * N * K for N, K in SHAPES.values()) * n_layers
+    results["prefill"].append(dict(kernel="cublas_fp16", M=M, k="-", ms=t16, tflops=flops / t16 / 1e9))
+    log(f"   cublas fp16 {t16:8.3f} ms  {flops / t16 / 1e9:6.1f} TFLOP/s")
+    for label, kv in [("mixed", mixed_k(M, 4)), ("1", [1] * M), ("4", [4] * M)]:
+        k = torch.tensor(kv, dtype=torch.int32, device="cuda")
+        def run_ours():
+            for L in Ls:
+                for name, (N, K) in SHAPES.items():
+                    sliced_gemm(xin[K], L[name]["ours"], k, out=outs[name])
+        t = time_graph(run_ours, reps=5, inner=2)
+        results["prefill"].append(dict(kernel="sliced_gemm", M=M, k=label, mean_k=sum(kv) / M, ms=t,
+                                       tflops=flops / t / 1e9, vs_cublas=t16 / t))
+        log(f"   sliced k={label:<6s} {t:8.3f} ms  {flops / t / 1e9:6.1f} TFLOP/s  {100 * t16 / t:5.1f} % of cuBLAS")
+
+
+def tune(layer, out_path, batches=(1, 4, 16)):
+    """Sweep decode configs per shape and batch bucket (uniform k=2 and mixed), keep the fastest; prefill too."""
+    from mobiquant.kernels.sliced_gemm import _autotune_configs as gemm_cfgs
+    from mobiquant.kernels.sliced_gemv import _autotune_configs as gemv_cfgs
+    from mobiquant.kernels.tuning import key
+
+    table = {}
+    for name, (N, K) in SHAPES.items():
+        if name in ("v", "up"):
+            continue
+        p = layer[name]["ours"]
+        for M in batches:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            k = torch.tensor([2] * M, dtype=torch.int32, device="cuda")
+            best = None
+            for cfg in gemv_cfgs():
+                if cfg["SPLIT_K"] > K // GROUP // 2:
+                    continue
+                try:
+                    ms = time_graph(lambda: sliced_gemv(x, p, k, out=y, config=cfg), reps=5, inner=20)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                    log(f"   skip {cfg}: {type(e).__name__}")
+                    continue
+                log(f"      {name} M={M} {cfg}: {ms * 1e3:.1f} us")
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            table[key("sliced_gemv", M, N, K)] = best[1]
+            log(f"   gemv {name} M={M}: {best[1]} {best[0] * 1e3:.1f} us")
+    Mp = 2048
+    for name, (N, K) in SHAPES.items():
+        if name in ("v", "up"):
+            continue
+        p = layer[name]["ours"]
+        x = torch.randn(Mp, K, device="cuda", dtype=torch.float16)
+        y = torch.empty(Mp, N, device="cuda", dtype=torch.float16)
+        k = torch.tensor(mixed_k(Mp), dtype=torch.int32, device="cuda")
+        best = None
+        for cfg in gemm_cfgs():
+            try:
+                ms = time_graph(lambda: sliced_gemm(x, p, k, out=y, config=cfg), reps=3, inner=3)
+            except Exception as e:  # noqa: BLE001
+                log(f"   skip {cfg}: {type(e).__name__}")
+                continue
+            log(f"      {name} M={Mp} {cfg}: {ms:.3f} ms")
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        table[key("sliced_gemm", Mp, N, K)] = best[1]
+        log(f"   gemm {name} M={Mp}: {best[1]} {best[0]:.3f} ms")
+    Path(out_path).write_text(json.dumps(table, indent=1, sort_keys=True))
+    log(f"   wrote {out_path}")
+
+
+def sweep(layer):
+    """Decode launch-config sweep on the gate and q shapes at k=2 (and k=1, k=4 for the best), batch 1."""
+    import itertools
+
+    for name in ("gate", "q", "down"):
+        N, K = SHAPES[name]
+        p = layer[name]["ours"]
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        for kk in (1, 2, 4):
+            k = torch.tensor([kk], dtype=torch.int32, device="cuda")
+            floor_us = (p.nbytes(kk)) / 3.0e12 * 1e6
+            for (gpi, st), sk, xs in itertools.product(((1, 1), (0, 2), (0, 3), (0, 4)), (1, 2, 4), (1, 2)):
+                bn, nw = 64, 4
+                cfg = dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=nw, num_stages=st, GPI=gpi, XS=xs)
+                try:
+                    us = 1e3 * time_graph(lambda: sliced_gemv(x, p, k, out=y, config=cfg), reps=5, inner=20)
+                except Exception as e:  # noqa: BLE001
+                    log(f"   {name} k={kk} {cfg}: {type(e).__name__} {e}")
+                    continue
+                log(f"   {name} k={kk} GPI={gpi} stages={st} XS={xs} SK={sk}: {us:6.1f} us "
+                    f"(copy floor {floor_us:5.1f} us, {100 * floor_us / us:4.1f} %)")
+
+
+def profile_one():
+    """One gate-shaped launch per k (batch 1), for `ncu --metrics smsp__sass_thread_inst_executed.sum ...`."""
+    W = torch.randn(14336, 4096, device="cuda", dtype=torch.float16) * 0.02
+    p = quantize_layer(W)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    for kk in (1, 2, 3, 4):
+        k = torch.tensor([kk], dtype=torch.int32, device="cuda")
+        sliced_gemv(x, p, k)
+    torch.cuda.synchronize()
+    for kk in (1, 2, 3, 4):
+        k = torch.tensor([kk], dtype=torch.int32, device="cuda")
+        torch.cuda.nvtx.range_push(f"k{kk}")
+        sliced_gemv(x, p, k)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+
+
+def dump_asm(out_dir):
+    """PTX and SASS of the decode kernel at its default config (one file each), for instruction counting."""
+    from mobiquant.kernels.sliced_gemv import _sliced_gemv_kernel  # noqa: F401
+
+    W = torch.randn(4096, 4096, device="cuda", dtype=torch.float16) * 0.02
+    p = quantize_layer(W)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    k = torch.tensor([2], dtype=torch.int32, device="cuda")
+    sliced_gemv(x, p, k)
+    from mobiquant.kernels import sliced_gemv as mod
+
+    kern = mod._sliced_gemv_kernel
+    for dev_cache in kern.device_caches.values():
+        for i, ck in enumerate(dev_cache[0].values()):
+            for ext in ("ptx", "ttgir", "sass"):
+                try:
+                    Path(out_dir, f"gemv_{i}.{ext}").write_text(ck.asm[ext])
+                except Exception as e:  # noqa: BLE001
+                    log(f"no {ext}: {e}")
+            log(f"kernel {i}: regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')} "
+                f"shared {ck.metadata.shared}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--profile-one", action="store_true")
+    ap.add_argument("--no-int4", action="store_true")
+    ap.add_argument("--dump-asm", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
+    ap.add_argument("--batches", default="1,4,16")
+    a = ap.parse_args()
+    if a.profile_one:
+        return profile_one()
+    if a.dump_asm:
+        return dump_asm(a.dump_asm)
+    torch.manual_seed(0)
+    import triton
+
+    results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   cuda=torch.version.cuda, python=platform.python_version(),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   layers=a.layers, group_size=GROUP, slice_bits=BITS, checks=[], decode=[], prefill=[])
+    log(f"{results['gpu']}  torch {results['torch']}  triton {results['triton']}  {results['date']}")
+    bw = copy_bandwidth()
+    results["copy_bw_GBps"] = bw / 1e9
+    log(f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
+    n = 1 if (a.tune or a.sweep) else a.layers
+    layers = []
+    for i in range(n):
+        L = {}
+        for name, (N, K) in SHAPES.items():
+            W = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
+            L[name] = {"ours": quantize_layer(W)}
+            if not (a.tune or a.sweep):
+                L[name]["fp16"] = W
+                if not a.no_int4:
+                    try:
+                        L[name]["int4"] = int4_tinygemm(W)
+                    except Exception as e:  # noqa: BLE001
+                        if i == 0 and name == "q":
+                            log(f"tinygemm unavailable: {type(e).__name__}: {e}")
+            else:
+                del W
+        layers.append(L)
+    log(f"built {n} layers")
+    if a.tune:
+        return tune(layers[0], a.out)
+    if a.sweep:
+        return sweep(layers[0])
+    ok = run_checks(layers, results)
+    if not ok:
+        log("correctness checks failed: timings below are of a wrong kernel")
+    results["checks_ok"] = ok
+    decode_stack(layers, results, [int(b) for b in a.batches.split(",")], bw, quick=a.quick)
+    prefill(layers, results)
+    bw_ms = {k: stack_bytes("ours", k) * a.layers / bw * 1e3 for k in (1, 2, 3, 4)}  # whole stack at copy speed
+    results["copy_floor_ms"] = bw_ms
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    log(f"wrote {a.out}")
+    log("\nkernel          M  k                 ms   %copyBW")
+    for r in results["decode"]:
+        log(f"{r['kernel']:<15s} {r['M']:2d} {str(r['k'])[:14]:<14s} {r['ms']:7.3f} {r['pct_copy_bw']:6.1f}")
+    for r in results["prefill"]:
+        log(f"prefill {r['kernel']:<15s} k={r['k']:<6s} {r['ms']:8.3f} ms {r['tflops']:6.1f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

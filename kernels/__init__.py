@@ -1,0 +1,37 @@
+"""mobiquant.kernels: Triton kernels for sliced (MoBiQuant) linears. The only part of mobiquant that imports triton.
+
+    from mobiquant.kernels import pack_slices, sliced_linear
+    packed = pack_slices(planes, scale, zero)       # library format -> GPU layout (layout.py), once per layer
+    y = sliced_linear(x, packed, k)                 # x (M, K) fp16/bf16, k (M,) int32 on the GPU
+
+Files (one per concept, house style §3.8):
+    layout.py       PackedSlices and the exact converter from/to the library's planes
+    _tile.py        shared Triton pieces: PTX unpacking of k planes into BIAS + Q_k, the per-group loop
+    sliced_gemv.py  decode kernel (1..16 tokens, split-K) + launcher + torch reference
+    sliced_gemm.py  prefill kernel (token permutation by slice count) + launcher + torch reference
+    dispatch.py     sliced_linear(): picks the kernel by token count
+    tuning.py       tuned configs per GPU (configs/*.json)
+
+``HAS_TRITON`` is False when triton cannot be imported; then only the layout converter (pure torch) is usable.
+"""
+
+from __future__ import annotations
+
+from .layout import PackedSlices, dense_weight, from_linear, pack_slices, unpack_codes, unpack_slices
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU installs without the [gpu] extra
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    from .dispatch import sliced_linear, sliced_linear_ref
+    from .sliced_gemm import sliced_gemm, sliced_gemm_ref
+    from .sliced_gemv import sliced_gemv, sliced_gemv_ref
+
+__all__ = [
+    "HAS_TRITON", "PackedSlices", "pack_slices", "unpack_slices", "unpack_codes", "dense_weight", "from_linear",
+    "sliced_linear", "sliced_linear_ref", "sliced_gemv", "sliced_gemv_ref", "sliced_gemm", "sliced_gemm_ref",
+]
