@@ -15,6 +15,9 @@ Glossary (../shared/docs/paper-notes.md §2):
     mobiquant.quantize_(model, mobiquant.MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=64))
     with mobiquant.precision(k=2):                          # 4 bits for every token
         logits = model(ids).logits
+    mobiquant.calibrate_(fp_model, tok)                     # clipping + routers, block by block (calibrate/)
+    with mobiquant.precision(budget=3.5):                   # routers pick k per token; 3.5 bits on average
+        logits = fp_model(ids).logits
 
 ``import mobiquant`` imports torch only: transformers, gradio and triton are imported where they are used, and CUDA
 is never initialised at import.
@@ -23,8 +26,11 @@ is never initialised at import.
 from .api import quantize_, quantized_linears
 from .config import MoBiQuantConfig
 from .errors import MoBiQuantError
+from .generate import BudgetControl, TokenStep, budget_range, elastic_generate
 from .nn.linear import MoBiQuantLinear, set_dense_cache_
+from .nn.router import MoBiRoute
 from .precision import current_precision, precision
+from .trace import RoutingTrace
 
 __version__ = "0.1.0"
 
@@ -33,6 +39,9 @@ _LAZY = {
     "save_quantized": ("io", "save_quantized"),
     "load_quantized": ("io", "load_quantized"),
     "perplexity": ("evaluate", "perplexity"),
+    "calibrate_": ("calibrate", "calibrate_"),
+    "CalibConfig": ("calibrate", "CalibConfig"),
+    "outlier_migration": ("analysis", "outlier_migration"),
 }
 
 
@@ -48,4 +57,6 @@ def __getattr__(name):  # lazy: these pull in transformers
 __all__ = [
     "MoBiQuantConfig", "MoBiQuantError", "MoBiQuantLinear", "quantize_", "quantized_linears", "precision",
     "current_precision", "set_dense_cache_", "load_model", "save_quantized", "load_quantized", "perplexity",
+    "MoBiRoute", "RoutingTrace", "BudgetControl", "TokenStep", "elastic_generate", "budget_range", "calibrate_",
+    "CalibConfig", "outlier_migration",
 ]

@@ -55,7 +55,9 @@ def quantize_(model: nn.Module, config: MoBiQuantConfig | None = None, *, progre
     for lin in linears.values():
         config.group_size_for(lin.in_features)
     for name, lin in tqdm(linears.items(), desc="slicing linears", disable=not progress, leave=False):
-        replace_module(model, name, MoBiQuantLinear.from_linear(lin, config))
+        q = MoBiQuantLinear.from_linear(lin, config)
+        q.name = name
+        replace_module(model, name, q)
     model.mobiquant_config = config
     return model
 

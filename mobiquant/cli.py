@@ -1,8 +1,12 @@
 """``mobiquant`` command line (also ``python -m mobiquant``).
 
-    mobiquant eval [--model NAME | --checkpoint DIR] --text FILE [--seqlen 1024] [--windows N] [--bits 2,4,6,8]
-                   [--methods fp,rtn,slices] [--slice-bits 2,2,2,2] [--group-size G] [--json OUT]
+    mobiquant eval [--model NAME | --checkpoint DIR] --text FILE [--seqlen 1024] [--windows N]
+                   [--budgets 2,4,6,8 (alias --bits)] [--methods fp,rtn,slices] [--slice-bits 2,2,2,2]
+                   [--group-size G] [--json OUT]
     mobiquant quantize [--model NAME] --out DIR [--slice-bits 2,2,2,2] [--group-size G]
+    mobiquant calibrate [--model NAME] --out DIR [--calib self|FILE|dataset:NAME] [--samples N] [--seqlen L]
+                   [--epochs E] [--fast] [--slice-bits ...] [--group-size G]
+    mobiquant outliers --checkpoint DIR --text FILE [--linear NAME ...] [--tokens 512] [--budgets 4]
 
 User errors print one line (``mobiquant: error: ...``) and exit with status 2; no traceback.
 """
@@ -60,26 +64,48 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", required=True, help="UTF-8 text file (e.g. WikiText-2 raw test)")
     ev.add_argument("--seqlen", type=int, default=1024)
     ev.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default: all)")
-    ev.add_argument("--bits", type=_floats, default=[2.0, 4.0, 6.0, 8.0], help="widths, e.g. 2,4,6,8")
+    ev.add_argument("--budgets", "--bits", dest="bits", type=_floats, default=[2.0, 4.0, 6.0, 8.0],
+                    help="average bits (uniform widths for fp/rtn/slices/bitspecific), e.g. 2.5,3,4")
     ev.add_argument("--methods", type=_names, default=["fp", "rtn", "slices"], help="comma-separated, e.g. fp,rtn")
     ev.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     ev.add_argument("--no-progress", action="store_true")
     _add_quant_args(ev)
 
-    qz = sub.add_parser("quantize", help="slice a model and save a checkpoint")
+    qz = sub.add_parser("quantize", help="slice a model (no calibration) and save a checkpoint")
     qz.add_argument("--model", default="default")
     qz.add_argument("--out", required=True)
     _add_quant_args(qz)
+
+    ca = sub.add_parser("calibrate", help="calibrate clipping and routers block by block; save a checkpoint")
+    ca.add_argument("--model", default="default")
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--calib", default="self", help="'self' (sampled from the model), a text file, or dataset:NAME")
+    ca.add_argument("--samples", type=int, default=None)
+    ca.add_argument("--seqlen", type=int, default=None)
+    ca.add_argument("--epochs", type=int, default=None, help="epochs per stage")
+    ca.add_argument("--fast", action="store_true", help="the quick recipe the app runs on first launch")
+    ca.add_argument("--next-input", choices=["quantized", "fp"], default=None)
+    ca.add_argument("--thresholds", choices=["layer", "global"], default="layer")
+    ca.add_argument("--seed", type=int, default=0)
+    _add_quant_args(ca)
+
+    ou = sub.add_parser("outliers", help="outlier migration: per-token errors across precisions for some linears")
+    ou.add_argument("--checkpoint", required=True)
+    ou.add_argument("--text", required=True)
+    ou.add_argument("--linear", action="append", default=None, help="module name (repeatable); default: three")
+    ou.add_argument("--tokens", type=int, default=512)
+    ou.add_argument("--budgets", type=_floats, default=[], help="routed budgets to include, e.g. 3,4")
+    ou.add_argument("--json", default=None)
     return parser
 
 
 def cmd_eval(args) -> int:
     from .evaluate import (
         EvalSetup,
-        check_methods,
         check_windows,
         format_table,
         make_windows,
+        plan_methods,
         read_text,
         run_methods,
         tokenize_text,
@@ -87,29 +113,32 @@ def cmd_eval(args) -> int:
     from .io import load_quantized
     from .models import load_model
 
-    # cheap checks first: a bad file, window or method fails before a model is loaded
+    # cheap checks first: a bad file, window, method or width fails before a model is loaded
     text = read_text(args.text)
     check_windows(args.seqlen, args.windows)
-    if not args.checkpoint:
-        check_methods(_config(args), args.methods, args.bits)
     if args.checkpoint:
         model, tokenizer = load_quantized(args.checkpoint)
         config = model.mobiquant_config
+        plan_methods(config, args.methods, args.bits)
         source = model.config.mobiquant_source
         load_fp = (lambda: load_model(source)[0]) if source else None
         load_q = lambda: model  # noqa: E731
+        calib = (model.mobiquant_calibration or {}).get("calib")
     else:
         config = _config(args)
+        plan_methods(config, args.methods, args.bits)
         model, tokenizer = load_model(args.model or "default")
-        load_fp, load_q = (lambda: model), None
+        load_fp, load_q, calib = (lambda: model), None, None
     if tokenizer is None:
         raise MoBiQuantError("no tokenizer found with the model")
     windows = make_windows(tokenize_text(tokenizer, text), args.seqlen, args.windows)
-    setup = EvalSetup(windows, config, load_fp=load_fp, load_quantized=load_q, progress=not args.no_progress)
+    setup = EvalSetup(windows, config, load_fp=load_fp, load_quantized=load_q, tokenizer=tokenizer, calib=calib,
+                      progress=not args.no_progress)
     rows = []
     for row in run_methods(setup, args.methods, args.bits):
         rows.append(row)
-        print(f"{row.method:>8} bits={row.bits_requested} ppl={row.ppl:.3f} ({row.seconds:.1f} s)", file=sys.stderr)
+        print(f"{row.method:>11} bits={row.bits_requested} realized={row.bits_realized} ppl={row.ppl:.3f} "
+              f"({row.seconds:.1f} s)", file=sys.stderr)
     print(format_table(rows))
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
@@ -129,10 +158,69 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import dataclasses
+
+    from .calibrate import CalibConfig, calibrate_
+    from .io import save_quantized
+    from .models import load_model
+
+    config = dataclasses.replace(_config(args), thresholds=args.thresholds)
+    overrides = {k: v for k, v in {"calib": args.calib, "samples": args.samples, "seqlen": args.seqlen,
+                                   "epochs": args.epochs, "next_input": args.next_input, "seed": args.seed}.items()
+                 if v is not None}
+    calib = CalibConfig.fast(**overrides) if args.fast else CalibConfig(**overrides)
+    if calib.calib not in ("self",) and not calib.calib.startswith("dataset:") and not Path(calib.calib).is_file():
+        raise MoBiQuantError(f"no such calibration text file: {calib.calib}")
+    model, tokenizer = load_model(args.model)
+    calibrate_(model, tokenizer, config, calib)
+    out = save_quantized(model, args.out, tokenizer)
+    print(f"calibrated in {model.mobiquant_calibration['seconds']:.0f} s; saved {out}")
+    return 0
+
+
+def cmd_outliers(args) -> int:
+    import torch
+
+    from .analysis import outlier_migration
+    from .api import quantized_linears
+    from .evaluate import read_text, tokenize_text
+    from .io import load_quantized
+    from .models import load_model
+
+    text = read_text(args.text)
+    model, tokenizer = load_quantized(args.checkpoint)
+    source = model.config.mobiquant_source
+    if not source:
+        raise MoBiQuantError("the checkpoint does not record its source model (needed for the FP weights)")
+    fp, _ = load_model(source)
+    names = list(quantized_linears(model))
+    n_layers = 1 + max(int(n.split(".layers.")[1].split(".")[0]) for n in names)
+    chosen = args.linear or [n for n in names if any(n.endswith(f"layers.{i}.{leaf}") for i, leaf in
+                                                     [(1, "self_attn.q_proj"), (n_layers // 2, "self_attn.o_proj"),
+                                                      (n_layers - 2, "mlp.down_proj")])]
+    ids = tokenize_text(tokenizer, text)[: args.tokens]
+    out = []
+    for name in chosen:
+        try:
+            weight = fp.get_submodule(name).weight.detach()
+        except AttributeError:
+            raise MoBiQuantError(f"no linear {name!r} in the model") from None
+        rep = outlier_migration(model, name, ids, weight, tuple(args.budgets))
+        print(f"\n{name}: top-10% token overlap (Jaccard) across precisions, {len(ids)} tokens")
+        print(rep.table())
+        out.append({"linear": name, "labels": rep.labels, "jaccard": rep.jaccard.tolist(),
+                    "absmax_top": torch.topk(rep.absmax, 5).indices.tolist()})
+    if args.json:
+        Path(args.json).expanduser().write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"eval": cmd_eval, "quantize": cmd_quantize}[args.command](args)
+        commands = {"eval": cmd_eval, "quantize": cmd_quantize, "calibrate": cmd_calibrate, "outliers": cmd_outliers}
+        return commands[args.command](args)
     except MoBiQuantError as e:
         print(f"mobiquant: error: {e}", file=sys.stderr)
         return 2

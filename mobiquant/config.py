@@ -34,11 +34,15 @@ class MoBiQuantConfig:
                  128/64/32 that divides in_features.
     modules:     fnmatch patterns of the module names to quantize (e.g. ``("*.mlp.*",)``); None = every
                  ``nn.Linear`` inside the decoder blocks. Embeddings and lm_head always stay in full precision.
+    router_hidden: hidden width of each layer's MoBiRoute MLP (used once the model is calibrated).
+    thresholds:  budget -> threshold map: "layer" (each layer realizes the budget) or "global" (one threshold).
     """
 
     slice_bits: tuple[int, ...] = (2, 2, 2, 2)
     group_size: int | None = None
     modules: tuple[str, ...] | None = None
+    router_hidden: int = 16
+    thresholds: str = "layer"
     version: int = CONFIG_VERSION
     extra: dict = field(default_factory=dict)  # free-form provenance (source model, ...); not used for math
 
@@ -56,6 +60,10 @@ class MoBiQuantConfig:
             raise MoBiQuantError(f"group_size must be a positive multiple of 8, got {g!r}")
         if self.modules is not None:
             object.__setattr__(self, "modules", tuple(self.modules))
+        if not isinstance(self.router_hidden, int) or self.router_hidden < 1:
+            raise MoBiQuantError(f"router_hidden must be a positive integer, got {self.router_hidden!r}")
+        if self.thresholds not in ("layer", "global"):
+            raise MoBiQuantError(f"thresholds must be 'layer' or 'global', got {self.thresholds!r}")
         if self.version != CONFIG_VERSION:
             raise MoBiQuantError(f"config version {self.version} is not supported (this mobiquant reads "
                                  f"{CONFIG_VERSION})")

@@ -4,14 +4,26 @@ Protocol: the text file is read as is (its lines joined by their own newlines), 
 tokens, cut into consecutive windows of ``seqlen`` tokens (the tail that does not fill a window is dropped), and the
 mean next-token negative log-likelihood over every predicted token gives ppl = exp(mean NLL).
 
-Methods are registered by name (``@register_method``) and yield ``EvalRow``s; later issues add methods (routed
-MoBiQuant, random routing, bit-specific calibration) the same way.
+Methods are registered by name (``@register_method``) and yield ``EvalRow``s, one per requested budget (average
+bits) they can run; a method skips a budget it cannot run (``slices`` at 3 bits of (2, 2, 2, 2)) with a note, and
+fails only when it can run none of them.
+
+    fp           the full-precision model
+    rtn          round-to-nearest with min/max endpoints, integer widths 2..8, same group size
+    slices       the first k slices of the checkpoint, for budgets equal to some B_k
+    mobiquant    the calibrated checkpoint, routed at the budget (realized bits measured by a RoutingTrace)
+    random       the same checkpoint with random nested routing at the same average bits
+    bitspecific  the checkpoint's clipping calibration run separately at each integer width (cached on disk)
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +39,7 @@ from .config import MoBiQuantConfig
 from .errors import MoBiQuantError
 from .precision import precision
 from .quant.rtn import rtn_quantize
+from .trace import RoutingTrace
 
 
 @dataclass
@@ -101,6 +114,8 @@ class EvalSetup:
     config: MoBiQuantConfig
     load_fp: Callable[[], nn.Module] | None = None  # the full-precision model, if there is one
     load_quantized: Callable[[], nn.Module] | None = None  # a saved checkpoint; else quantize_(copy of fp)
+    tokenizer: object | None = None  # bitspecific calibrates: it needs the tokenizer and the recipe
+    calib: object | None = None  # CalibConfig of the checkpoint (bitspecific repeats it at each width)
     progress: bool = True
     _cache: dict = field(default_factory=dict)
 
@@ -123,6 +138,13 @@ class EvalSetup:
         t0 = time.perf_counter()
         ppl, tokens = perplexity(model, self.windows, progress=self.progress, desc=desc)
         return ppl, tokens, time.perf_counter() - t0
+
+    def routed_ppl(self, budget: float, mode: str, desc: str) -> tuple[float, float, int, float]:
+        """(ppl, realized bits, tokens, seconds) of the checkpoint at a budget."""
+        trace = RoutingTrace(keep=False)
+        with precision(budget=budget, mode=mode, trace=trace, seed=0):
+            ppl, tokens, sec = self.ppl(self.quantized_model(), desc)
+        return ppl, trace.realized_bits(), tokens, sec
 
 
 Method = Callable[[EvalSetup, list[float]], Iterator[EvalRow]]
@@ -186,21 +208,91 @@ def _slices(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
         yield EvalRow("slices", b, float(setup.config.precisions[k - 1]), ppl, tokens, sec)
 
 
-def check_methods(config: MoBiQuantConfig, methods: list[str], bits: list[float]) -> None:
-    """Reject an unknown method or a width a method cannot run, before any model is loaded."""
+def _check_budget_range(config: MoBiQuantConfig, b: float) -> None:
+    low, high = config.precisions[0], config.precisions[-1]
+    if not low <= b <= high:
+        raise MoBiQuantError(f"budget {b:g} is outside the checkpoint's range {low}..{high} bits")
+
+
+def _routed(setup: EvalSetup) -> nn.Module:
+    model = setup.quantized_model()
+    if not any(getattr(m, "router", None) is not None for m in model.modules()):
+        raise MoBiQuantError("method 'mobiquant' needs a calibrated checkpoint (mobiquant calibrate --out DIR)")
+    return model
+
+
+@register_method("mobiquant", _check_budget_range)
+def _mobiquant(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
+    _routed(setup)
+    for b in bits:
+        ppl, realized, tokens, sec = setup.routed_ppl(b, "router", f"mobiquant {b:g}b")
+        yield EvalRow("mobiquant", b, realized, ppl, tokens, sec)
+
+
+@register_method("random", _check_budget_range)
+def _random(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
+    for b in bits:
+        ppl, realized, tokens, sec = setup.routed_ppl(b, "random", f"random {b:g}b")
+        yield EvalRow("random", b, realized, ppl, tokens, sec)
+
+
+def bitspecific_model(setup: EvalSetup, bits: int) -> nn.Module:
+    """The full-precision model calibrated at one width (one slice of ``bits``), same group size and recipe;
+    cached under the mobiquant cache directory."""
+    from .calibrate import CalibConfig, calibrate_
+    from .calibrate.data import cache_dir
+    from .io import load_quantized, save_quantized
+
+    calib = dataclasses.replace(setup.calib or CalibConfig(), stages=("clip",))
+    config = dataclasses.replace(setup.config, slice_bits=(int(bits),))
+    fp = setup.fp_model()
+    source = getattr(fp.config, "mobiquant_source", None) or fp.config.name_or_path
+    key = json.dumps([source, config.to_dict(), dataclasses.asdict(calib)], sort_keys=True, default=str)
+    path = cache_dir() / "bitspecific" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (path / "mobiquant_config.json").is_file():
+        return load_quantized(path)[0]
+    model = calibrate_(copy.deepcopy(fp), setup.tokenizer, config, calib, progress=setup.progress)
+    save_quantized(model, path)
+    return model
+
+
+@register_method("bitspecific", _check_rtn_bits)
+def _bitspecific(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
+    for b in bits:
+        t0 = time.perf_counter()
+        model = bitspecific_model(setup, int(b))
+        print(f"bitspecific {b:g} bits: calibrated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        ppl, tokens, sec = setup.ppl(model, f"bitspecific {b:g}b")
+        yield EvalRow("bitspecific", b, float(b), ppl, tokens, sec)
+        del model
+
+
+def plan_methods(config: MoBiQuantConfig, methods: list[str], bits: list[float]) -> dict[str, list[float]]:
+    """Budgets each method runs; a method that can run none of them is an error, others skip with a note."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MoBiQuantError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    plan = {}
     for m in methods:
+        ok, errors = [], []
         for b in bits:
-            if m in BITS_CHECKS:
-                BITS_CHECKS[m](config, b)
+            try:
+                if m in BITS_CHECKS:
+                    BITS_CHECKS[m](config, b)
+                ok.append(b)
+            except MoBiQuantError as e:
+                errors.append(e)
+        if not ok:
+            raise errors[0]
+        for e in errors:
+            print(f"note: {m} skips it: {e}", file=sys.stderr)
+        plan[m] = ok
+    return plan
 
 
 def run_methods(setup: EvalSetup, methods: list[str], bits: list[float]) -> Iterator[EvalRow]:
-    check_methods(setup.config, methods, bits)
-    for m in methods:
-        yield from METHODS[m](setup, bits)
+    for m, ok in plan_methods(setup.config, methods, bits).items():
+        yield from METHODS[m](setup, ok)
 
 
 def format_table(rows: list[EvalRow]) -> str:

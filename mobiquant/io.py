@@ -29,6 +29,7 @@ from .config import MoBiQuantConfig
 from .errors import MoBiQuantError
 from .models import CHECKPOINT_CONFIG
 from .nn.linear import MoBiQuantLinear
+from .nn.router import MoBiRoute
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "mobiquant"
@@ -69,11 +70,22 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
         "model_class": type(model).__name__,
         "source": getattr(hf_config, "mobiquant_source", None),
         "linears": sorted(linears),
+        "routed": sorted(n for n, m in linears.items() if m.router is not None),
+        "calibration": _calibration_info(model),
     }
     (d / CHECKPOINT_CONFIG).write_text(json.dumps(info, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(d)
     return d
+
+
+def _calibration_info(model) -> dict | None:
+    cal = getattr(model, "mobiquant_calibration", None)
+    if cal is None:
+        return None
+    import dataclasses
+
+    return {"recipe": dataclasses.asdict(cal["calib"]), "seconds": cal["seconds"]}
 
 
 def _read_info(d: Path) -> dict:
@@ -126,6 +138,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         raise MoBiQuantError(f"{d}/config.json is missing or invalid: {str(e).splitlines()[0]}") from e
     with init_empty_weights():  # parameters on the meta device; buffers such as RoPE tables stay real
         model = AutoModelForCausalLM.from_config(hf_config)
+    routed = set(info.get("routed", []))
     for name in info["linears"]:
         try:
             lin = model.get_submodule(name)
@@ -136,6 +149,9 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         skeleton = MoBiQuantLinear(lin.in_features, lin.out_features, config.slice_bits,
                                    config.group_size_for(lin.in_features), bias=lin.bias is not None,
                                    device="meta", dtype=lin.weight.dtype)
+        skeleton.name = name
+        if name in routed:
+            skeleton.router = MoBiRoute(lin.in_features, config.num_slices, config.router_hidden, device="meta")
         replace_module(model, name, skeleton)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -148,6 +164,18 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         raise MoBiQuantError(f"checkpoint does not provide {still_meta[:3]}")
     model.mobiquant_config = config
     model.config.mobiquant_source = info.get("source")
+    model.mobiquant_calibration = None
+    if info.get("calibration"):
+        from .calibrate import CalibConfig
+
+        recipe = dict(info["calibration"]["recipe"])
+        recipe["stages"] = tuple(recipe.get("stages", ("clip", "route")))
+        model.mobiquant_calibration = {"calib": CalibConfig(**recipe), "seconds": info["calibration"]["seconds"],
+                                       "losses": None}
+    if routed:
+        from .route import attach_thresholds_
+
+        attach_thresholds_(model, config.thresholds)
     tokenizer = None
     if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(d, local_files_only=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["MOBIQUANT_CACHE"] = tempfile.mkdtemp(prefix="mobiquant-test-cache-")  # never the user's cache
 
 
 def _tiny(family: str, tie: bool = False):
@@ -66,6 +68,35 @@ def tiny_text(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(" ".join(words) + "\n")
     return path
+
+
+def _routed_model(model, hidden=8):
+    """quantize_ + untrained routers whose calibration scores come from the model's own activations on random
+    tokens (what calibrate_ leaves behind, without the training), for plumbing tests."""
+    import mobiquant
+    from mobiquant import MoBiQuantConfig, quantize_
+    from mobiquant.nn.router import MoBiRoute
+    from mobiquant.route import attach_thresholds_
+
+    quantize_(model, MoBiQuantConfig(group_size=32))
+    linears = mobiquant.quantized_linears(model)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 96, (8, 64)))
+    for h in hooks:
+        h.remove()
+    for n, m in linears.items():
+        m.router = MoBiRoute(m.in_features, m.num_slices, hidden)
+        m.router.set_calibration_scores_(m.router(inputs[n]).detach())
+    attach_thresholds_(model)
+    return model
+
+
+@pytest.fixture
+def routed_model():
+    return _routed_model
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,42 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mobiquant", "eval", "--text", str(tmp_path / "x.txt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == f"mobiquant: error: no such text file: {tmp_path / 'x.txt'}"
+
+
+def test_calibrate_then_eval_every_method(capsys, tiny_dir, tiny_text, tmp_path):
+    ckpt = tmp_path / "cal"
+    code, out, err = run(capsys, "calibrate", "--model", tiny_dir, "--out", ckpt, "--calib", tiny_text,
+                         "--samples", 8, "--seqlen", 32, "--epochs", 1, "--group-size", 32)
+    assert code == 0, err
+    assert "calibrated in" in out
+    out_json = tmp_path / "rows.json"
+    code, out, err = run(capsys, "eval", "--checkpoint", ckpt, "--text", tiny_text, "--seqlen", 64,
+                         "--budgets", "2.5,4", "--methods", "mobiquant,slices,random,bitspecific,rtn",
+                         "--json", out_json, "--no-progress")
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())
+    got = [(r["method"], r["bits_requested"]) for r in rows]
+    assert got == [("mobiquant", 2.5), ("mobiquant", 4.0), ("slices", 4.0), ("random", 2.5), ("random", 4.0),
+                   ("bitspecific", 4.0), ("rtn", 4.0)]
+    assert "slices skips it" in err and "2.5" in err
+    for r in rows:
+        if r["method"] in ("mobiquant", "random"):
+            assert abs(r["bits_realized"] - r["bits_requested"]) < 0.5
+
+
+def test_outliers_command(capsys, tiny_dir, tiny_text, tmp_path):
+    ckpt = tmp_path / "cal"
+    assert run(capsys, "calibrate", "--model", tiny_dir, "--out", ckpt, "--calib", tiny_text, "--samples", 4,
+               "--seqlen", 32, "--epochs", 1, "--group-size", 32)[0] == 0
+    code, out, err = run(capsys, "outliers", "--checkpoint", ckpt, "--text", tiny_text, "--tokens", 100,
+                         "--budgets", "4", "--linear", "model.layers.0.mlp.down_proj")
+    assert code == 0, err
+    assert "Jaccard" in out and "routed 4 bits" in out
+
+
+def test_calibrate_bad_inputs(capsys, tiny_dir, tmp_path):
+    code, _, err = run(capsys, "calibrate", "--model", tiny_dir, "--out", tmp_path / "x", "--calib",
+                       tmp_path / "missing.txt")
+    assert code == 2 and "no such calibration text file" in err
+    code, _, err = run(capsys, "calibrate", "--model", tiny_dir, "--out", tmp_path / "x", "--samples", "0")
+    assert code == 2 and "must be >= 1" in err

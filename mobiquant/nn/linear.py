@@ -8,7 +8,10 @@ Stored (buffers, all in the state dict):
     bias     (N,)                     kept in full precision, as in nn.Linear
 
 Forward ``y = layer(x)`` with x (..., K) reads the slice count k from the caller's ``mobiquant.precision(...)``
-block (or the ``k=`` argument): an int for all tokens or one count per token (shaped like x[..., 0]).
+block (or the ``k=`` argument): an int for all tokens or one count per token (shaped like x[..., 0]). Given a bit
+budget instead, the layer's router (``router``, a MoBiRoute, after calibration) scores each token and the shared
+``thresholds`` table (route.py) turns the scores into per-token counts. Inside ``precision(trace=...)`` the layer
+records what it used under its ``name``.
 
 Two torch paths give the same result (up to fp32 summation order):
 
@@ -28,8 +31,10 @@ from torch import nn
 
 from ..config import MoBiQuantConfig
 from ..errors import MoBiQuantError
-from ..precision import current_precision
+from ..precision import check_budget, current_precision
 from ..quant import packing, slices
+from ..route import ThresholdTable, random_counts
+from .router import MoBiRoute, nested_counts, threshold_for_bits
 
 
 class MoBiQuantLinear(nn.Module):
@@ -54,6 +59,9 @@ class MoBiQuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(N, G, dtype=slices.STORAGE_DTYPE, device=device))
         self.register_buffer("zero", torch.zeros(N, G, dtype=slices.STORAGE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.zeros(N, device=device, dtype=dtype)) if bias else None
+        self.router: MoBiRoute | None = None
+        self.name = ""  # full module name, set by quantize_ / load (the trace's key)
+        self.thresholds = None  # route.ThresholdTable shared by the model's routers
         self.dense_cache = True
         self._dense: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -113,15 +121,42 @@ class MoBiQuantLinear(nn.Module):
         k = self.num_slices if k is None else k
         return sum(self.slice_bits[:k]) + 2 * 16 / self.group_size
 
+    @property
+    def precisions(self) -> list[int]:
+        """B_k for k = 1..E."""
+        return slices.cumulative_bits(self.slice_bits)
+
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.num_slices:
             raise MoBiQuantError(f"k={k} slices requested; this layer has 1..{self.num_slices}")
 
     # ---------------------------------------------------------------- forward
+    def route(self, x: torch.Tensor, budget: float, mode: str = "router", generator=None, fit=None) -> torch.Tensor:
+        """Per-token slice counts (x.shape[:-1], long) for an average of ``budget`` bits. With ``fit`` (a dict,
+        calibration only) τ is fitted to these tokens and stored as fit[name]."""
+        B = self.precisions
+        budget = check_budget(budget, B[0], B[-1])
+        if mode == "random":
+            return random_counts(x.shape[:-1], self.slice_bits, budget, generator).to(x.device)
+        if self.router is None:
+            if budget in B:
+                return torch.full(x.shape[:-1], B.index(budget) + 1, dtype=torch.long, device=x.device)
+            raise MoBiQuantError(f"{self.name or 'this layer'} has no router (not calibrated): only the uniform "
+                                 f"budgets {B} bits, or mode='random'")
+        scores = self.router(x)
+        if fit is not None:
+            fit[self.name] = threshold_for_bits(scores.reshape(-1, scores.shape[-1]), self.slice_bits, budget)
+            return nested_counts(scores, fit[self.name])
+        if self.thresholds is None:
+            self.thresholds = ThresholdTable({self.name: self}, "layer")
+        return nested_counts(scores, self.thresholds.tau(self.name, budget))
+
     def forward(self, x: torch.Tensor, k: int | torch.Tensor | None = None) -> torch.Tensor:
-        if k is None:
-            p = current_precision()
-            k = p.k if p is not None else None
+        p = current_precision()
+        if k is None and p is not None:
+            k = p.k
+            if k is None and p.budget is not None:
+                k = self.route(x, p.budget, p.mode, p.generator, p.fit)
         if k is None:
             k = self.num_slices
         if isinstance(k, torch.Tensor):
@@ -131,15 +166,19 @@ class MoBiQuantLinear(nn.Module):
             lo, hi = (int(v) for v in torch.aminmax(k))
             self._check_k(lo)
             self._check_k(hi)
-            if lo == hi:
-                k = lo
         else:
-            self._check_k(int(k))
-        if isinstance(k, int):
+            k = int(k)
+            self._check_k(k)
+            lo = hi = k
+        if p is not None and p.trace is not None:
+            counts = k if isinstance(k, torch.Tensor) else torch.full(x.shape[:-1], k, dtype=torch.long)
+            B = torch.tensor([0.0, *self.precisions])  # B[n] = bits of n slices
+            p.trace.record(self.name, counts, B, self.in_features * self.out_features)
+        if lo == hi:
             if self.dense_cache:
-                return F.linear(x, self._dense_weight(k, x.dtype, x.device), self.bias)
+                return F.linear(x, self._dense_weight(lo, x.dtype, x.device), self.bias)
             y = F.linear(x, self.delta(1).to(x.dtype), self.bias)
-            for e in range(2, k + 1):
+            for e in range(2, lo + 1):
                 y = y + F.linear(x, self.delta(e).to(x.dtype))
             return y
         return self._forward_mixed(x, k)

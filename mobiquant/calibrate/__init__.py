@@ -1,0 +1,6 @@
+"""Step 3 of the data flow: calibrate the base slice's clipping and the routers, block by block."""
+
+from .blockwise import CalibConfig, calibrate_
+from .data import calibration_tokens
+
+__all__ = ["CalibConfig", "calibrate_", "calibration_tokens"]

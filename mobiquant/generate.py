@@ -1,0 +1,138 @@
+"""Step 5 of the data flow: elastic generation, one token at a time, with a routing trace per token.
+
+    control = mobiquant.BudgetControl(budget=4.0)           # owned by the caller (the app's session state)
+    for step in mobiquant.elastic_generate(model, tok, "Tell me about owls.", control, max_new_tokens=64):
+        print(step.text, step.bits, step.slices.shape)       # (layers, linears) slice counts of this token
+        control.budget = 3.0                                 # takes effect from the next token
+
+The budget is read from ``control`` before every step, so a caller can steer a running generation (a slider) or stop
+it (``control.stop = True``). Each step runs inside ``precision(...)``: nothing is stored in the model, so several
+generations (threads, app sessions) can share one model at different budgets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .api import quantized_linears
+from .errors import MoBiQuantError
+from .precision import check_budget, precision
+from .trace import RoutingTrace
+
+MODES = ("router", "uniform", "random")
+
+
+@dataclass
+class BudgetControl:
+    """Caller-owned knobs read before each decode step. mode: "router" (routers pick k per token and layer),
+    "uniform" (every token at the most slices whose bits fit the budget) or "random" (the baseline)."""
+
+    budget: float
+    mode: str = "router"
+    stop: bool = False
+
+
+@dataclass
+class TokenStep:
+    index: int  # 0 = first generated token
+    token_id: int
+    text: str  # the new text this token adds
+    budget: float  # budget in force when this token was computed
+    mode: str
+    bits: float  # realized bits of the forward pass that produced it (weighted over linears)
+    slices: torch.Tensor  # (layers, linears) slice counts of that forward pass, last position
+    linears: list[str]  # column names of ``slices``
+    seconds: float  # wall time of this step (the first includes the prompt's prefill)
+    prob: float  # probability of the chosen token
+    top: list[tuple[str, float]] = field(default_factory=list)  # the 5 most likely tokens
+
+
+def budget_range(model) -> tuple[float, float]:
+    """Smallest and largest average bits the model's quantized linears can run at."""
+    linears = quantized_linears(model)
+    if not linears:
+        raise MoBiQuantError("this model is not quantized: run quantize_ or calibrate_ first")
+    precisions = next(iter(linears.values())).precisions
+    return float(precisions[0]), float(precisions[-1])
+
+
+def _step_precision(precisions: list[int], control: BudgetControl, seed: int):
+    """(budget, precision() kwargs) for the next step, from the caller's control; a bad value is a clear error."""
+    budget = check_budget(control.budget, precisions[0], precisions[-1])
+    if control.mode not in MODES:
+        raise MoBiQuantError(f"unknown mode {control.mode!r}; use one of {MODES}")
+    if control.mode == "uniform":  # the most slices whose bits fit the budget
+        return budget, dict(k=max(i for i, b in enumerate(precisions, start=1) if b <= budget + 1e-9))
+    return budget, dict(budget=budget, mode=control.mode, seed=seed)
+
+
+def _encode(tokenizer, prompt: str | torch.Tensor, chat: bool) -> torch.Tensor:
+    if isinstance(prompt, torch.Tensor):
+        return prompt.reshape(1, -1).long()
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise MoBiQuantError("the prompt is empty")
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        return ids.reshape(1, -1).long()
+    return torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+@torch.no_grad()
+def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: BudgetControl, max_new_tokens: int = 64,
+                     *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
+                     max_prompt_tokens: int | None = None) -> Iterator[TokenStep]:
+    """Yield one ``TokenStep`` per generated token (see the module docstring)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MoBiQuantError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not (temperature >= 0 and 0 < top_p <= 1):
+        raise MoBiQuantError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    budget_range(model)  # a model that is not quantized fails here
+    precisions = next(iter(quantized_linears(model).values())).precisions
+    _step_precision(precisions, control, seed)  # a bad budget fails before any work
+    ids = _encode(tokenizer, prompt, chat)
+    limit = max_prompt_tokens or getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens
+    if ids.shape[1] > limit:
+        raise MoBiQuantError(f"the prompt has {ids.shape[1]} tokens; at most {limit} fit with {max_new_tokens} new")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    eos = set(filter(lambda t: t is not None, [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]))
+    cache, inp, generated, text_so_far = None, ids.to(device), [], ""
+    for i in range(max_new_tokens):
+        if control.stop:
+            return
+        t0 = time.perf_counter()
+        budget, kw = _step_precision(precisions, control, seed + i)
+        trace = RoutingTrace(keep=True)
+        with precision(trace=trace, **kw):
+            out = model(input_ids=inp, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[0, -1].float()
+        tok = _sample(logits, temperature, top_p, gen)
+        probs = torch.softmax(logits, dim=-1)
+        top_p_vals, top_ids = probs.topk(5)
+        generated.append(tok)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        piece, text_so_far = text[len(text_so_far):], text
+        slices, names = trace.matrix()
+        yield TokenStep(i, tok, piece, budget, control.mode, trace.realized_bits(), slices, names,
+                        time.perf_counter() - t0, float(probs[tok]),
+                        [(tokenizer.decode([int(t)]), float(p)) for t, p in zip(top_ids, top_p_vals)])
+        if tok in eos:
+            return
+        inp = torch.tensor([[tok]], device=device)

@@ -1,0 +1,60 @@
+"""RoutingTrace: what every quantized linear used, per token. The only routing object the app reads.
+
+Each MoBiQuantLinear called inside ``precision(..., trace=trace)`` records its per-token slice counts n_t. Realized
+bits weigh every linear by its number of weights: the average code bits per weight actually read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+def split_name(name: str) -> tuple[int, str]:
+    """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); (-1, name) outside the decoder blocks."""
+    m = _LAYER.search(name)
+    return (int(m.group(1)), m.group(2)) if m else (-1, name)
+
+
+@dataclass
+class RoutingTrace:
+    """keep=True keeps every count tensor (generation, the app); keep=False only the running totals (eval)."""
+
+    keep: bool = True
+    counts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _bits_weights: float = 0.0  # Σ over calls and tokens of B_{n_t} * weights of the linear
+    _weights: float = 0.0  # Σ over calls and tokens of weights of the linear
+
+    def record(self, name: str, counts: torch.Tensor, precisions: torch.Tensor, n_weights: int) -> None:
+        """counts (...) long in 1..E; precisions (E+1,) with precisions[k] = B_k (precisions[0] = 0)."""
+        c = counts.detach().reshape(-1).cpu()
+        self._bits_weights += float(precisions[c].sum()) * n_weights
+        self._weights += c.numel() * n_weights
+        if self.keep:
+            self.counts.setdefault(name, []).append(c)
+
+    def realized_bits(self) -> float:
+        return self._bits_weights / self._weights if self._weights else float("nan")
+
+    def matrix(self, step: int = -1) -> tuple[torch.Tensor, list[str]]:
+        """(layers, linears) slice counts of the last token of call ``step`` and the linear names (columns)."""
+        names = sorted({split_name(n)[1] for n in self.counts}, key=_LINEAR_ORDER)
+        layers = 1 + max(split_name(n)[0] for n in self.counts)
+        out = torch.zeros(layers, len(names), dtype=torch.long)
+        for n, calls in self.counts.items():
+            i, leaf = split_name(n)
+            if i >= 0:
+                out[i, names.index(leaf)] = calls[step][-1]
+        return out, names
+
+
+_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _LINEAR_ORDER(leaf: str):
+    base = leaf.rsplit(".", 1)[-1]
+    return (_ORDER.index(base) if base in _ORDER else len(_ORDER), leaf)
