@@ -33,7 +33,7 @@ from mobiquant.analysis import outlier_migration
 from mobiquant.calibrate import CalibConfig, calibrate_
 from mobiquant.calibrate.data import cache_dir
 from mobiquant.evaluate import EvalSetup, make_windows, read_text, run_methods, tokenize_text
-from mobiquant.route import attach_thresholds_
+from mobiquant.route import THRESHOLD_MODES, attach_thresholds_
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-raw-test.txt"
@@ -120,13 +120,14 @@ def main() -> None:
             result["rows"].append(d)
             print(json.dumps(d), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        other = "global" if model.mobiquant_config.thresholds == "layer" else "layer"
-        attach_thresholds_(model, other)
-        for b in [b for b in budgets if model.mobiquant_config.precisions[0] < b < model.mobiquant_config.precisions[-1]]:
-            ppl, realized, tokens, sec = setup.routed_ppl(b, "router", f"{other} {b:g}b")
-            result["threshold_modes"].append({"slice_bits": sl, "mode": other, "bits_requested": b,
-                                              "bits_realized": realized, "ppl": ppl})
-        attach_thresholds_(model, model.mobiquant_config.thresholds)
+        low, high = model.mobiquant_config.precisions[0], model.mobiquant_config.precisions[-1]
+        for other in [m for m in THRESHOLD_MODES if m != model.mobiquant_config.thresholds]:
+            attach_thresholds_(model, other, model.mobiquant_config.allocation)
+            for b in [b for b in budgets if low < b < high]:
+                ppl, realized, tokens, sec = setup.routed_ppl(b, "router", f"{other} {b:g}b")
+                result["threshold_modes"].append({"slice_bits": sl, "mode": other, "bits_requested": b,
+                                                  "bits_realized": realized, "ppl": ppl})
+        attach_thresholds_(model, model.mobiquant_config.thresholds, model.mobiquant_config.allocation)
         ids = windows[0]
         for name in LINEARS:
             rep = outlier_migration(model, name, ids, fp.get_submodule(name).weight.detach(), budgets=(4.0,))

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--epochs", type=int, default=None, help="epochs per stage")
     ca.add_argument("--fast", action="store_true", help="the quick recipe the app runs on first launch")
     ca.add_argument("--next-input", choices=["quantized", "fp"], default=None)
-    ca.add_argument("--thresholds", choices=["layer", "global"], default="layer")
+    ca.add_argument("--thresholds", choices=["layer", "global", "adaptive"], default="adaptive")
+    ca.add_argument("--allocation", choices=["band", "nested"], default="band")
     ca.add_argument("--seed", type=int, default=0)
     _add_quant_args(ca)
 
@@ -165,7 +166,7 @@ def cmd_calibrate(args) -> int:
     from .io import save_quantized
     from .models import load_model
 
-    config = dataclasses.replace(_config(args), thresholds=args.thresholds)
+    config = dataclasses.replace(_config(args), thresholds=args.thresholds, allocation=args.allocation)
     overrides = {k: v for k, v in {"calib": args.calib, "samples": args.samples, "seqlen": args.seqlen,
                                    "epochs": args.epochs, "next_input": args.next_input, "seed": args.seed}.items()
                  if v is not None}

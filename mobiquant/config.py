@@ -35,14 +35,18 @@ class MoBiQuantConfig:
     modules:     fnmatch patterns of the module names to quantize (e.g. ``("*.mlp.*",)``); None = every
                  ``nn.Linear`` inside the decoder blocks. Embeddings and lm_head always stay in full precision.
     router_hidden: hidden width of each layer's MoBiRoute MLP (used once the model is calibrated).
-    thresholds:  budget -> threshold map: "layer" (each layer realizes the budget) or "global" (one threshold).
+    thresholds:  budget -> threshold map: "layer" (each layer realizes the budget), "global" (one threshold) or
+                 "adaptive" (per layer, following the text being processed; route.py).
+    allocation:  "band" (each token at one of the two uniform precisions around the budget, the router picks
+                 which) or "nested" (any slice count, where the scores cross the threshold).
     """
 
     slice_bits: tuple[int, ...] = (2, 2, 2, 2)
     group_size: int | None = None
     modules: tuple[str, ...] | None = None
     router_hidden: int = 16
-    thresholds: str = "layer"
+    thresholds: str = "adaptive"
+    allocation: str = "band"
     version: int = CONFIG_VERSION
     extra: dict = field(default_factory=dict)  # free-form provenance (source model, ...); not used for math
 
@@ -62,8 +66,10 @@ class MoBiQuantConfig:
             object.__setattr__(self, "modules", tuple(self.modules))
         if not isinstance(self.router_hidden, int) or self.router_hidden < 1:
             raise MoBiQuantError(f"router_hidden must be a positive integer, got {self.router_hidden!r}")
-        if self.thresholds not in ("layer", "global"):
-            raise MoBiQuantError(f"thresholds must be 'layer' or 'global', got {self.thresholds!r}")
+        if self.thresholds not in ("layer", "global", "adaptive"):
+            raise MoBiQuantError(f"thresholds must be 'layer', 'global' or 'adaptive', got {self.thresholds!r}")
+        if self.allocation not in ("band", "nested"):
+            raise MoBiQuantError(f"allocation must be 'band' or 'nested', got {self.allocation!r}")
         if self.version != CONFIG_VERSION:
             raise MoBiQuantError(f"config version {self.version} is not supported (this mobiquant reads "
                                  f"{CONFIG_VERSION})")

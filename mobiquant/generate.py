@@ -113,13 +113,14 @@ def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: Budg
     gen = torch.Generator().manual_seed(seed)
     eos = set(filter(lambda t: t is not None, [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]))
     cache, inp, generated, text_so_far = None, ids.to(device), [], ""
+    stream: dict = {}  # the adaptive threshold mode's score history for this generation
     for i in range(max_new_tokens):
         if control.stop:
             return
         t0 = time.perf_counter()
         budget, kw = _step_precision(precisions, control, seed + i)
         trace = RoutingTrace(keep=True)
-        with precision(trace=trace, **kw):
+        with precision(trace=trace, **kw, **({"stream": stream} if "budget" in kw else {})):
             out = model(input_ids=inp, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[0, -1].float()

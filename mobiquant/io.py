@@ -175,7 +175,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     if routed:
         from .route import attach_thresholds_
 
-        attach_thresholds_(model, config.thresholds)
+        attach_thresholds_(model, config.thresholds, config.allocation)
     tokenizer = None
     if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(d, local_files_only=True)

@@ -45,6 +45,7 @@ class Precision:
     trace: object | None = None
     generator: torch.Generator | None = field(default=None, compare=False)
     fit: dict | None = field(default=None, compare=False)  # calibration: {layer name: τ} fitted on this call
+    stream: dict | None = field(default=None, compare=False)  # adaptive thresholds: score history of one text
 
 
 def check_budget(budget, low: float | None = None, high: float | None = None) -> float:
@@ -64,7 +65,8 @@ _CURRENT: ContextVar[Precision | None] = ContextVar("mobiquant_precision", defau
 
 @contextmanager
 def precision(k: int | torch.Tensor | None = None, *, budget: float | None = None, mode: str = "router",
-              trace=None, seed: int | None = None, fit: dict | None = None) -> Iterator[Precision]:
+              trace=None, seed: int | None = None, fit: dict | None = None,
+              stream: dict | None = None) -> Iterator[Precision]:
     """Run the enclosed model calls at ``k`` slices or at a ``budget`` of average bits (module docstring)."""
     if isinstance(k, bool) or not (k is None or isinstance(k, (int, torch.Tensor))):
         raise TypeError(f"k must be an int or a LongTensor of per-token slice counts, got {type(k).__name__}")
@@ -75,7 +77,7 @@ def precision(k: int | torch.Tensor | None = None, *, budget: float | None = Non
     if mode not in MODES:
         raise MoBiQuantError(f"unknown routing mode {mode!r}; use one of {MODES}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    p = Precision(k=k, budget=budget, mode=mode, trace=trace, generator=gen, fit=fit)
+    p = Precision(k=k, budget=budget, mode=mode, trace=trace, generator=gen, fit=fit, stream=stream)
     token = _CURRENT.set(p)
     try:
         yield p

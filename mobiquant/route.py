@@ -10,6 +10,12 @@ stored in the checkpoint:
 * ``"global"``: one τ for all layers, chosen by bisection on the stored calibration scores (gathered at the middle
   budget) so that the weight-weighted average over layers realizes the budget: layers whose scores are high get
   more slices.
+* ``"adaptive"``: per layer, τ is the quantile that realizes the budget over the scores this stream of text has
+  produced so far, topped up with stored calibration scores while it has fewer than 256, and the fitted "layer"
+  threshold before it has any (causal: tokens are taken in chunks of 64 along the sequence,
+  each chunk thresholded on what came before it; a generation carries its history from step to step in the
+  caller's ``precision(stream=...)`` dict). The calibration text and the user's text differ; this mode follows the
+  user's text, so the realized bits track the budget where fixed thresholds drift.
 
 Tables are computed once per budget and cached; a budget is a per-call value (``precision(budget=...)``), so the
 table holds no state that depends on who is calling.
@@ -24,21 +30,77 @@ import torch
 from .errors import MoBiQuantError
 from .nn.router import nested_counts, realized_bits, threshold_for_bits
 
-THRESHOLD_MODES = ("layer", "global")
+THRESHOLD_MODES = ("layer", "global", "adaptive")
+ALLOCATIONS = ("nested", "band")
+ADAPTIVE_CHUNK = 64  # tokens per causal chunk of the adaptive mode
+ADAPTIVE_HISTORY = 2048  # most recent scores of a stream kept by the adaptive mode
+ADAPTIVE_PRIOR = 256  # calibration scores stand in for the stream's until it has this many of its own
 _CACHE_LIMIT = 512
 
 
+def band_scores(scores: torch.Tensor, slice_bits, bits: float) -> torch.Tensor:
+    """Restrict nested routing to the two uniform precisions around ``bits``: residual slices up to k_lo always on
+    (+inf), slice k_hi on by its own score, slices above never (-inf). nested_counts of the result is k_lo or k_hi."""
+    B = torch.tensor(slice_bits).cumsum(0).tolist()
+    k_hi = next((k for k, b in enumerate(B, start=1) if b >= bits - 1e-9), len(B))
+    out = torch.full_like(scores, float("-inf"))
+    out[..., : k_hi - 2 if k_hi >= 2 else 0] = float("inf")  # residual index e-2 holds slice e
+    if k_hi >= 2:
+        out[..., k_hi - 2] = scores[..., k_hi - 2]
+    return out
+
+
 class ThresholdTable:
-    def __init__(self, linears: dict, mode: str = "layer"):
+    """Budget -> per-token slice counts for a model's routed linears (module docstring).
+
+    allocation "nested": any count 1..E, a token's count set by where its scores cross τ; "band": only the two
+    uniform precisions around the budget, the router choosing which tokens get the higher one.
+    """
+
+    def __init__(self, linears: dict, mode: str = "layer", allocation: str = "nested"):
         if mode not in THRESHOLD_MODES:
             raise MoBiQuantError(f"unknown threshold mode {mode!r}; use one of {THRESHOLD_MODES}")
-        self.mode = mode
+        if allocation not in ALLOCATIONS:
+            raise MoBiQuantError(f"unknown allocation {allocation!r}; use one of {ALLOCATIONS}")
+        self.mode, self.allocation = mode, allocation
         self.linears = {n: m for n, m in linears.items() if getattr(m, "router", None) is not None}
         for n, m in self.linears.items():
             if m.router.calib_scores.numel() == 0:
                 raise MoBiQuantError(f"the router of {n} has no calibration scores: calibrate the model first")
         self._cache: dict[float, dict[str, float]] = {}
         self._lock = threading.Lock()
+
+    def _prior(self, name: str, bits: float) -> torch.Tensor:
+        m = self.linears[name]
+        prior = m.router.calib_scores.float()
+        return band_scores(prior, m.slice_bits, bits) if self.allocation == "band" else prior
+
+    def counts(self, name: str, scores: torch.Tensor, bits: float, stream: dict | None = None) -> torch.Tensor:
+        """(..., E-1) router scores -> (...) slice counts at ``bits``."""
+        m = self.linears[name]
+        if self.allocation == "band":
+            scores = band_scores(scores, m.slice_bits, bits)
+        if self.mode != "adaptive":
+            return nested_counts(scores, self.tau(name, bits))
+        prior = self._prior(name, bits)
+        key = (name, self.allocation, bits) if self.allocation == "band" else (name,)
+        seen = stream.get(key) if stream is not None else None
+        s3 = scores.reshape(-1, scores.shape[-2], scores.shape[-1]) if scores.dim() >= 2 else scores[None, None]
+        counts = torch.empty(s3.shape[:2], dtype=torch.long, device=scores.device)
+        n_seen = 0 if seen is None else seen.shape[0]
+        for c in range(0, s3.shape[1], ADAPTIVE_CHUNK):  # causal: each chunk is thresholded on what came before
+            own = s3[:, :c].reshape(-1, s3.shape[-1]).float()
+            if n_seen + own.shape[0] == 0:  # nothing of this text yet: the fitted threshold
+                tau = self.tau(name, bits)
+            else:
+                pool = [prior[: max(0, ADAPTIVE_PRIOR - n_seen - own.shape[0])], own]
+                pool += [seen] if seen is not None else []
+                tau = threshold_for_bits(torch.cat(pool), m.slice_bits, bits)
+            counts[:, c : c + ADAPTIVE_CHUNK] = nested_counts(s3[:, c : c + ADAPTIVE_CHUNK], tau)
+        if stream is not None:
+            new = s3.reshape(-1, s3.shape[-1]).detach().float()
+            stream[key] = new if seen is None else torch.cat([seen, new])[-ADAPTIVE_HISTORY:]
+        return counts.reshape(scores.shape[:-1])
 
     def tau(self, name: str, bits: float) -> float:
         table = self._cache.get(bits)
@@ -52,13 +114,13 @@ class ThresholdTable:
         return table[name]
 
     def _build(self, bits: float) -> dict[str, float]:
-        if self.mode == "layer":
+        if self.mode in ("layer", "adaptive"):
             out = {}
             for n, m in self.linears.items():
-                tau = m.router.threshold(bits)
-                out[n] = tau if tau is not None else threshold_for_bits(m.router.calib_scores, m.slice_bits, bits)
+                tau = m.router.threshold(bits) if self.allocation == "nested" else None
+                out[n] = tau if tau is not None else threshold_for_bits(self._prior(n, bits), m.slice_bits, bits)
             return out
-        scores = {n: m.router.calib_scores.float() for n, m in self.linears.items()}
+        scores = {n: self._prior(n, bits) for n in self.linears}
         weights = {n: m.in_features * m.out_features for n, m in self.linears.items()}
         total = sum(weights.values())
 
@@ -66,22 +128,24 @@ class ThresholdTable:
             return sum(float(realized_bits(nested_counts(s, tau), self.linears[n].slice_bits)) * weights[n]
                        for n, s in scores.items()) / total
 
-        lo = min(float(s.min()) for s in scores.values()) - 1.0
-        hi = max(float(s.max()) for s in scores.values()) + 1.0
+        finite = [s[torch.isfinite(s)] for s in scores.values()]
+        lo = min((float(f.min()) for f in finite if f.numel()), default=0.0) - 1.0
+        hi = max((float(f.max()) for f in finite if f.numel()), default=0.0) + 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if avg_bits(mid) > bits else (lo, mid)
         return dict.fromkeys(scores, hi)
 
 
-def attach_thresholds_(model: torch.nn.Module, mode: str = "layer") -> ThresholdTable:
+def attach_thresholds_(model: torch.nn.Module, mode: str = "layer", allocation: str = "nested") -> ThresholdTable:
     """Give every routed linear of ``model`` one shared budget -> threshold table."""
     from .api import quantized_linears
 
-    table = ThresholdTable(quantized_linears(model), mode)
+    table = ThresholdTable(quantized_linears(model), mode, allocation)
     for m in table.linears.values():
         m.thresholds = table
     model.mobiquant_thresholds = mode
+    model.mobiquant_allocation = allocation
     return table
 
 

@@ -7,7 +7,7 @@ from mobiquant.route import ThresholdTable, attach_thresholds_, random_counts
 from mobiquant.trace import RoutingTrace
 
 
-@pytest.mark.parametrize("mode", ["layer", "global"])
+@pytest.mark.parametrize("mode", ["layer", "global", "adaptive"])
 def test_budget_realized_on_held_out_tokens(tiny_llama, routed_model, mode):
     routed_model(tiny_llama)
     attach_thresholds_(tiny_llama, mode)
@@ -72,3 +72,41 @@ def test_threshold_table_requires_scores():
     q.router = MoBiRoute(64, 4)
     with pytest.raises(MoBiQuantError, match="no calibration scores"):
         ThresholdTable({"x": q})
+
+
+def test_adaptive_thresholds_follow_a_shifted_text():
+    """Scores on the user's text sit higher than on the calibration text: fixed thresholds overshoot the budget,
+    the adaptive mode (causal chunks) tracks it."""
+    from mobiquant.nn.router import realized_bits
+
+    q = MoBiQuantLinear.from_linear(torch.nn.Linear(64, 8), MoBiQuantConfig(group_size=32))
+    q.name, q.router = "lin", MoBiRoute(64, 4)
+    q.router.set_calibration_scores_(torch.randn(512, 3))
+    shifted = torch.randn(1, 1500, 3) + 1.0
+    fixed = ThresholdTable({"lin": q}, "layer")
+    adaptive = ThresholdTable({"lin": q}, "adaptive")
+    for b in (3.0, 5.0):
+        n_fixed = torch.cumprod((shifted > fixed.tau("lin", b)).long(), -1).sum(-1) + 1
+        n_adapt = adaptive.counts("lin", shifted[:, :1024], b, None)
+        assert abs(float(realized_bits(n_fixed, q.slice_bits)) - b) > 0.5
+        assert abs(float(realized_bits(n_adapt[:, 256:], q.slice_bits)) - b) < 0.15  # once the text has 256 tokens
+    # a stream carries its history across calls (decode steps of one token)
+    stream = {}
+    counts = [adaptive.counts("lin", shifted[:, t : t + 1], 4.0, stream) for t in range(1500)]
+    assert stream[("lin",)].shape == (1500, 3)
+    # 1200 tokens of about 2.2 bits standard deviation each: the mean is known to about ±0.07
+    assert abs(float(realized_bits(torch.cat(counts[300:], 1), q.slice_bits)) - 4.0) < 0.2
+
+
+@pytest.mark.parametrize("mode", ["layer", "global", "adaptive"])
+def test_band_allocation_uses_the_two_precisions_around_the_budget(tiny_llama, routed_model, mode):
+    routed_model(tiny_llama)
+    attach_thresholds_(tiny_llama, mode, "band")
+    ids = torch.randint(0, 96, (4, 64))
+    for b, allowed in ((3.0, {1, 2}), (5.5, {2, 3}), (6.0, {2, 3})):  # B_k = 2, 4, 6, 8
+        tr = RoutingTrace(keep=True)
+        with torch.no_grad(), precision(budget=b, trace=tr):
+            tiny_llama(input_ids=ids)
+        used = set(torch.cat([c for calls in tr.counts.values() for c in calls]).unique().tolist())
+        assert used <= allowed, (b, used)
+        assert abs(tr.realized_bits() - b) < 0.15

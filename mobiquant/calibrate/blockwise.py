@@ -26,7 +26,10 @@ Choices where the paper is silent (README, "Calibration"):
   per-token benefit for its own linear, ||x (W - Ŵ_{e-1})ᵀ||² - ||x (W - Ŵ_e)ᵀ||² (a cheap local signal, 100
   full-batch steps on up to 2048 tokens); the block-level STE steps that follow are too few on a CPU to train a
   router from scratch (an untrained router routed no better than random).
-* Loss: block-output MSE normalised by the target's mean square, + budget_weight x mean budget term over linears.
+* Loss: stage 1, block-output MSE normalised by the target's mean square (OmniQuant); stage 2, the per-token relative
+  error |y_t - T_t|² / |T_t|² averaged over tokens (what the next RMSNorm sees; plain MSE let the few
+  massive-activation tokens decide every routing choice), + budget_weight x mean budget term over linears. The warm
+  start's benefit is relative for the same reason.
 * Router: hidden width 16, SiLU, input divided by the per-channel RMS of the calibration inputs; AdamW.
 * Learning rates: clipping 5e-2, routers 5e-3, weight decay 0. OmniQuant's lwc_lr (1e-3..1e-2) is meant for
   thousands of steps per block (128 samples x 20 epochs); a CPU recipe has tens, so the clipping rate is higher.
@@ -164,6 +167,7 @@ class CalibLinear(nn.Module):
         with torch.no_grad():
             W = self.linear.weight.float()
             err = torch.stack([(X @ (Wk - W).T).pow(2).sum(-1) for Wk in self.weights(len(self.slice_bits))])  # (E, M)
+            err = err / (X @ W.T).pow(2).sum(-1).clamp_min(1e-12)  # relative: the next RMSNorm divides by |y_t|
             target = torch.log((err[:-1] - err[1:]).clamp_min(1e-12)).T  # (M, E-1)
             target = (target - target.mean(0)) / target.std(0).clamp_min(1e-6)
         opt = torch.optim.Adam(self.router.parameters(), lr=lr)
@@ -233,11 +237,13 @@ def _run(layer: nn.Module, X: torch.Tensor, kwargs: dict, batch: int) -> torch.T
 def _block_loss(layer, calib: dict[str, CalibLinear], x, t, kwargs: dict, budget_weight: float):
     out = layer(x, **kwargs)
     y = out[0] if isinstance(out, tuple) else out
-    loss = F.mse_loss(y.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
     routed = [c for c in calib.values() if c.mode == "route" and c.router is not None]
-    if routed:
-        loss = loss + budget_weight * torch.stack([c.budget_loss for c in routed]).mean()
-    return loss
+    if not routed:  # stage 1: OmniQuant's block MSE (normalised so blocks of any scale train alike)
+        return F.mse_loss(y.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+    # stage 2: per-token relative error, as the next block's RMSNorm sees it; plain MSE would let the few
+    # massive-activation tokens decide every routing choice
+    loss = ((y.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+    return loss + budget_weight * torch.stack([c.budget_loss for c in routed]).mean()
 
 
 def _train_stage(layer, calib, stage: str, X, T, kwargs, cfg: CalibConfig, rng: random.Random) -> float:
@@ -348,6 +354,6 @@ def calibrate_(model: nn.Module, tokenizer, config: MoBiQuantConfig | None = Non
         bar.set_postfix({s: f"{v:.4f}" for s, v in block_losses.items()})
     model.mobiquant_config = config
     if any(m.router is not None for m in model.modules() if isinstance(m, MoBiQuantLinear)):
-        attach_thresholds_(model, config.thresholds)
+        attach_thresholds_(model, config.thresholds, config.allocation)
     model.mobiquant_calibration = {"calib": calib, "seconds": time.perf_counter() - t_start, "losses": losses}
     return model

@@ -131,9 +131,11 @@ class MoBiQuantLinear(nn.Module):
             raise MoBiQuantError(f"k={k} slices requested; this layer has 1..{self.num_slices}")
 
     # ---------------------------------------------------------------- forward
-    def route(self, x: torch.Tensor, budget: float, mode: str = "router", generator=None, fit=None) -> torch.Tensor:
+    def route(self, x: torch.Tensor, budget: float, mode: str = "router", generator=None, fit=None,
+              stream=None) -> torch.Tensor:
         """Per-token slice counts (x.shape[:-1], long) for an average of ``budget`` bits. With ``fit`` (a dict,
-        calibration only) τ is fitted to these tokens and stored as fit[name]."""
+        calibration only) τ is fitted to these tokens and stored as fit[name]; ``stream`` is the score history of
+        the adaptive threshold mode."""
         B = self.precisions
         budget = check_budget(budget, B[0], B[-1])
         if mode == "random":
@@ -149,14 +151,14 @@ class MoBiQuantLinear(nn.Module):
             return nested_counts(scores, fit[self.name])
         if self.thresholds is None:
             self.thresholds = ThresholdTable({self.name: self}, "layer")
-        return nested_counts(scores, self.thresholds.tau(self.name, budget))
+        return self.thresholds.counts(self.name, scores, budget, stream)
 
     def forward(self, x: torch.Tensor, k: int | torch.Tensor | None = None) -> torch.Tensor:
         p = current_precision()
         if k is None and p is not None:
             k = p.k
             if k is None and p.budget is not None:
-                k = self.route(x, p.budget, p.mode, p.generator, p.fit)
+                k = self.route(x, p.budget, p.mode, p.generator, p.fit, p.stream)
         if k is None:
             k = self.num_slices
         if isinstance(k, torch.Tensor):
