@@ -172,12 +172,12 @@ def _fp(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
     yield EvalRow("fp", None, float(width), ppl, tokens, sec)
 
 
-def _check_rtn_bits(config: MoBiQuantConfig, b: float) -> None:
+def _check_integer_bits(config: MoBiQuantConfig, b: float) -> None:
     if b != int(b) or not 2 <= b <= 8:
-        raise MoBiQuantError(f"rtn needs an integer width 2..8, got {b:g} bits")
+        raise MoBiQuantError(f"needs an integer width 2..8, got {b:g} bits")
 
 
-@register_method("rtn", _check_rtn_bits)
+@register_method("rtn", _check_integer_bits)
 def _rtn(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
     model = setup.fp_model()
     linears = target_linears(model, setup.config)
@@ -256,7 +256,7 @@ def bitspecific_model(setup: EvalSetup, bits: int) -> nn.Module:
     return model
 
 
-@register_method("bitspecific", _check_rtn_bits)
+@register_method("bitspecific", _check_integer_bits)
 def _bitspecific(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
     for b in bits:
         t0 = time.perf_counter()
@@ -283,9 +283,9 @@ def plan_methods(config: MoBiQuantConfig, methods: list[str], bits: list[float])
             except MoBiQuantError as e:
                 errors.append(e)
         if not ok:
-            raise errors[0]
+            raise MoBiQuantError(f"method {m!r}: {errors[0]}")
         for e in errors:
-            print(f"note: {m} skips it: {e}", file=sys.stderr)
+            print(f"note: method {m!r} skips a budget: {e}", file=sys.stderr)
         plan[m] = ok
     return plan
 
