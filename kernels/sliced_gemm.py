@@ -21,7 +21,6 @@ The pure-torch ``sliced_gemm_ref`` computes the same function from the dense Ŵ_
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -29,7 +28,7 @@ import triton.language as tl
 
 from . import _tile
 from .layout import PackedSlices
-from .sliced_gemv import _dt, sliced_gemv_ref
+from .sliced_gemv import _check_args, _dt, _interpret, sliced_gemv_ref
 from .tuning import lookup
 
 
@@ -81,16 +80,9 @@ def _sliced_gemm_kernel(
 def sliced_gemm(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: torch.Tensor | None = None,
                 config: dict | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, any M. k: (M,) int32 on x's device. No host sync."""
-    M, K = x.shape
-    N = packed.out_features
-    if K != packed.in_features:
-        raise ValueError(f"x has {K} features, the weight {packed.in_features}")
-    if k.shape != (M,) or k.dtype != torch.int32 or k.device != x.device:
-        raise ValueError("k must be an int32 tensor of shape (M,) on x's device")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, M, N, K = _check_args(x, packed, k)
     dt = _dt(x.dtype)
-    use_asm = (os.environ.get("TRITON_INTERPRET", "0") != "1") if use_asm is None else use_asm
+    use_asm = (not _interpret()) if use_asm is None else use_asm
     cfg = config or lookup("sliced_gemm", M, N, K) or default_config(M, N, K, packed.group_size)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     g = packed.group_size

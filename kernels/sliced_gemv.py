@@ -139,6 +139,19 @@ def _dt(dtype):
     raise TypeError(f"x must be fp16 or bf16, got {dtype}")
 
 
+def _check_args(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor):
+    """The launchers' shared contract: x (M >= 1, K) with unit stride along K, k (M,) int32 on x's device.
+    Returns (x, M, N, K)."""
+    M, K = x.shape
+    if M < 1:
+        raise ValueError("x has no tokens")
+    if K != packed.in_features:
+        raise ValueError(f"x has {K} features, the weight {packed.in_features}")
+    if k.shape != (M,) or k.dtype != torch.int32 or k.device != x.device:
+        raise ValueError("k must be an int32 tensor of shape (M,) on x's device")
+    return (x if x.stride(1) == 1 else x.contiguous()), M, packed.out_features, K
+
+
 def sliced_gemv(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: torch.Tensor | None = None,
                 config: dict | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 16 tokens. k: (M,) int32 on x's device.
@@ -146,16 +159,9 @@ def sliced_gemv(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: tor
     ``config`` (BLOCK_N, SPLIT_K, num_warps, num_stages) overrides the tuned one; ``use_asm`` the PTX unpacking
     (default: on unless TRITON_INTERPRET=1). ``out`` may be given (M, N) contiguous, e.g. for graph capture.
     """
-    M, K = x.shape
-    N = packed.out_features
-    if M > MAX_TOKENS or M < 1:
+    x, M, N, K = _check_args(x, packed, k)
+    if M > MAX_TOKENS:
         raise ValueError(f"sliced_gemv takes 1..{MAX_TOKENS} tokens, got {M} (use sliced_gemm)")
-    if K != packed.in_features:
-        raise ValueError(f"x has {K} features, the weight {packed.in_features}")
-    if k.shape != (M,) or k.dtype != torch.int32 or k.device != x.device:
-        raise ValueError("k must be an int32 tensor of shape (M,) on x's device")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     dt = _dt(x.dtype)
     use_asm = (not _interpret()) if use_asm is None else use_asm
     cfg = config or lookup("sliced_gemv", M, N, K) or default_config(M, N, K, packed.group_size)
