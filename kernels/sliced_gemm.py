@@ -21,7 +21,6 @@ The pure-torch ``sliced_gemm_ref`` computes the same function from the dense Ŵ_
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
