@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .api import quantize_, target_linears
 from .config import MoBiQuantConfig
 from .errors import MoBiQuantError
-from .precision import precision
+from .precision import check_budget, precision
 from .quant.rtn import rtn_quantize
 from .trace import RoutingTrace
 
@@ -209,9 +209,7 @@ def _slices(setup: EvalSetup, bits: list[float]) -> Iterator[EvalRow]:
 
 
 def _check_budget_range(config: MoBiQuantConfig, b: float) -> None:
-    low, high = config.precisions[0], config.precisions[-1]
-    if not low <= b <= high:
-        raise MoBiQuantError(f"budget {b:g} is outside the checkpoint's range {low}..{high} bits")
+    check_budget(b, config.precisions[0], config.precisions[-1])
 
 
 def _routed(setup: EvalSetup) -> nn.Module:

@@ -51,12 +51,16 @@ class TokenStep:
     top: list[tuple[str, float]] = field(default_factory=list)  # the 5 most likely tokens
 
 
-def budget_range(model) -> tuple[float, float]:
-    """Smallest and largest average bits the model's quantized linears can run at."""
+def _precisions(model) -> list[int]:
     linears = quantized_linears(model)
     if not linears:
         raise MoBiQuantError("this model is not quantized: run quantize_ or calibrate_ first")
-    precisions = next(iter(linears.values())).precisions
+    return next(iter(linears.values())).precisions
+
+
+def budget_range(model) -> tuple[float, float]:
+    """Smallest and largest average bits the model's quantized linears can run at."""
+    precisions = _precisions(model)
     return float(precisions[0]), float(precisions[-1])
 
 
@@ -102,8 +106,7 @@ def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: Budg
         raise MoBiQuantError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (temperature >= 0 and 0 < top_p <= 1):
         raise MoBiQuantError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    budget_range(model)  # a model that is not quantized fails here
-    precisions = next(iter(quantized_linears(model).values())).precisions
+    precisions = _precisions(model)  # a model that is not quantized fails here
     _step_precision(precisions, control, seed)  # a bad budget fails before any work
     ids = _encode(tokenizer, prompt, chat)
     limit = max_prompt_tokens or getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens
