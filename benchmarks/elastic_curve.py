@@ -10,8 +10,12 @@ For each slice list (default: the paper's 2,2,2,2 and the finer 3,1,1,1,1,1) the
 plus the run-time threshold modes (layer / global) and the outlier-migration overlap of three linears.
 
     python benchmarks/elastic_curve.py [--windows 32] [--slice-lists 2,2,2,2 3,1,1,1,1,1] [--fast]
+    python benchmarks/elastic_curve.py --plot-only      # redraw the plot from the JSON
 
-Writes benchmarks/results/elastic_curve_cpu.json, assets/elastic_curve.html and assets/elastic_curve.png.
+Writes benchmarks/results/elastic_curve_cpu.json (``--device cuda``: elastic_curve_cuda.json), assets/elastic_curve.html
+and assets/elastic_curve.png. Perplexity does not depend on the device beyond float rounding; calibration seconds do,
+so the JSON records where it ran. ``--model`` takes a .gguf path (the embedded file copied to a GPU host that cannot
+install the package) and ``--source-name default`` keeps the calibration-data cache keys of the embedded model.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def calibrated(fp, tok, slice_bits, group_size, calib: CalibConfig, reuse: bool)
     key = f"curve-{'-'.join(map(str, slice_bits))}-g{group_size}-{calib.samples}x{calib.seqlen}-e{calib.epochs}"
     path = cache_dir() / "checkpoints" / key
     if reuse and (path / "mobiquant_config.json").is_file():
-        model, _ = mobiquant.load_quantized(path)
+        model, _ = mobiquant.load_quantized(path, device=next(fp.parameters()).device)
         return model, model.mobiquant_calibration["seconds"], str(path)
     config = mobiquant.MoBiQuantConfig(slice_bits=slice_bits, group_size=group_size)
     model = calibrate_(copy.deepcopy(fp), tok, config, calib)
@@ -92,16 +96,29 @@ def main() -> None:
     p.add_argument("--methods", default="mobiquant,random,slices,bitspecific,rtn")
     p.add_argument("--fast", action="store_true", help="calibrate with the --fast recipe")
     p.add_argument("--reuse", action="store_true", help="reuse calibrated checkpoints from the cache")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "elastic_curve_cpu.json"))
+    p.add_argument("--model", default="default")
+    p.add_argument("--source-name", help="the model's name in cache keys (default: --model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out")
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot from --out")
     args = p.parse_args()
+    device = torch.device(args.device)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"elastic_curve_{device.type}.json")
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text())["rows"], ROOT / "assets" / "elastic_curve.html",
+             ROOT / "assets" / "elastic_curve.png")
+        return
     budgets = [float(b) for b in args.budgets.split(",")]
-    fp, tok = mobiquant.load_model("default")
+    fp, tok = mobiquant.load_model(args.model, device=device)
+    if args.source_name:
+        fp.config.mobiquant_source = args.source_name
     windows = make_windows(tokenize_text(tok, read_text(args.text)), args.seqlen, args.windows)
     calib = CalibConfig.fast() if args.fast else CalibConfig()
     result = {"meta": {
         "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "windows": args.windows, "seqlen": args.seqlen,
         "group_size": args.group_size, "calibration": dataclasses.asdict(calib), "budgets": budgets,
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "mobiquant": mobiquant.__version__}, "rows": [], "calibration_seconds": {},
         "threshold_modes": [], "outliers": []}
     fp_rows = list(run_methods(EvalSetup(windows, mobiquant.MoBiQuantConfig(group_size=args.group_size),

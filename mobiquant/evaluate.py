@@ -248,7 +248,7 @@ def bitspecific_model(setup: EvalSetup, bits: int) -> nn.Module:
     key = json.dumps([source, config.to_dict(), dataclasses.asdict(calib)], sort_keys=True, default=str)
     path = cache_dir() / "bitspecific" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (path / "mobiquant_config.json").is_file():
-        return load_quantized(path)[0]
+        return load_quantized(path, device=next(fp.parameters()).device)[0]
     model = calibrate_(copy.deepcopy(fp), setup.tokenizer, config, calib, progress=setup.progress)
     save_quantized(model, path)
     return model

@@ -8,6 +8,10 @@
 The budget is read from ``control`` before every step, so a caller can steer a running generation (a slider) or stop
 it (``control.stop = True``). Each step runs inside ``precision(...)``: nothing is stored in the model, so several
 generations (threads, app sessions) can share one model at different budgets.
+
+On CUDA, a LLaMA-family model runs on the decode engine (engine.py: static KV cache, CUDA graph, routing on the
+device) with the same TokenSteps; it serves one generation at a time (a concurrent one takes the path below) and
+uses the layer thresholds where the model's table is adaptive.
 """
 
 from __future__ import annotations
@@ -115,6 +119,15 @@ def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: Budg
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     eos = set(filter(lambda t: t is not None, [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]))
+    if device.type == "cuda":  # the decode engine (static cache, CUDA graph); None: unsupported model or busy
+        from .engine import engine_for, engine_steps
+
+        eng = engine_for(model, ids.shape[1] + max_new_tokens)
+        steps = eng and engine_steps(eng, tokenizer, ids, control, precisions, max_new_tokens, temperature, top_p,
+                                     seed, eos)
+        if steps is not None:
+            yield from steps
+            return
     cache, inp, generated, text_so_far = None, ids.to(device), [], ""
     stream: dict = {}  # the adaptive threshold mode's score history for this generation
     for i in range(max_new_tokens):

@@ -2,6 +2,9 @@
 
 Each MoBiQuantLinear called inside ``precision(..., trace=trace)`` records its per-token slice counts n_t. Realized
 bits weigh every linear by its number of weights: the average code bits per weight actually read.
+
+Counts recorded on a CUDA device are kept there and copied to the host only when the trace is read (``counts``,
+``realized_bits``, ``matrix``): recording never waits for the GPU, so a traced forward has no host synchronisation.
 """
 
 from __future__ import annotations
@@ -25,19 +28,41 @@ class RoutingTrace:
     """keep=True keeps every count tensor (generation, the app); keep=False only the running totals (eval)."""
 
     keep: bool = True
-    counts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _counts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _bits_weights: float = 0.0  # Σ over calls and tokens of B_{n_t} * weights of the linear
     _weights: float = 0.0  # Σ over calls and tokens of weights of the linear
+    _pending: list = field(default_factory=list)  # records whose counts are still on a GPU
 
     def record(self, name: str, counts: torch.Tensor, precisions: torch.Tensor, n_weights: int) -> None:
-        """counts (...) long in 1..E; precisions (E+1,) with precisions[k] = B_k (precisions[0] = 0)."""
-        c = counts.detach().reshape(-1).cpu()
+        """counts (...) integers in 1..E; precisions (E+1,) with precisions[k] = B_k (precisions[0] = 0)."""
+        c = counts.detach().reshape(-1)
+        if c.device.type != "cpu":  # read later, all at once: recording never waits for the device
+            self._pending.append((name, c, precisions, n_weights))
+            return
+        self._add(name, c.long(), precisions, n_weights)
+
+    def _add(self, name, c, precisions, n_weights) -> None:
         self._bits_weights += float(precisions[c].sum()) * n_weights
         self._weights += c.numel() * n_weights
         if self.keep:
-            self.counts.setdefault(name, []).append(c)
+            self._counts.setdefault(name, []).append(c)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            sizes = [c.numel() for _, c, _, _ in pending]
+            host = torch.cat([c for _, c, _, _ in pending]).long().cpu()  # one copy for every pending record
+            for (name, _, precisions, n_weights), h in zip(pending, host.split(sizes)):
+                self._add(name, h, precisions, n_weights)
+
+    @property
+    def counts(self) -> dict[str, list[torch.Tensor]]:
+        """Layer name -> one (tokens,) long tensor per call, on the CPU (kept only with keep=True)."""
+        self._flush()
+        return self._counts
 
     def realized_bits(self) -> float:
+        self._flush()
         return self._bits_weights / self._weights if self._weights else float("nan")
 
     def matrix(self, step: int = -1) -> tuple[torch.Tensor, list[str]]:

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on a CPU host (set before triton's import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["MOBIQUANT_CACHE"] = tempfile.mkdtemp(prefix="mobiquant-test-cache-")  # never the user's cache
 

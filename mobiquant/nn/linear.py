@@ -21,6 +21,18 @@ Two torch paths give the same result (up to fp32 summation order):
   tokens are grouped by k and each group is one ``F.linear``. Decode then costs what the unquantized layer costs,
   at the price of up to E dense weights in memory (benchmarks/elastic_ppl.py reports it). Never a dense weight per
   token. ``set_dense_cache_(model, False)`` switches a model to the reference path and frees the caches.
+
+**Kernels (CUDA).** When the buffers and x are on a CUDA device, x is fp16 or bf16, triton can be imported and the
+layer fits the kernels (2-bit slices, E <= 4, K % 16 == 0, group size % 32 == 0: ``ops.kernel_compatible``), the
+forward calls the custom op ``torch.ops.mobiquant.sliced_linear`` (mobiquant/ops.py) on the planes converted once
+per device to the kernels' layout (``mobiquant.kernels.PackedSlices``, cached like the dense weights and cleared
+whenever the module is moved, cast or reloaded). Every other case takes the torch paths above: CPU, fp32
+activations, slice lists such as 3,1,1,1,1,1, ``use_kernels = False``, and any forward that autograd records (the
+op has no backward). On the kernel path nothing waits for the GPU: per-token counts stay on the device and are not
+range-checked on the host (the kernel clamps them to 1..E; counts given on the CPU are still checked), and a
+routing trace copies its counts to the host only when it is read (trace.py). Routing by budget is device-only in
+the "layer" and "global" threshold modes; the "adaptive" mode keeps a Python-side history of scores and
+synchronises (the decode engine, mobiquant/engine.py, uses the layer thresholds).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import MoBiQuantConfig
 from ..errors import MoBiQuantError
 from ..precision import check_budget, current_precision
@@ -38,6 +51,8 @@ from .router import MoBiRoute, nested_counts, threshold_for_bits
 
 
 class MoBiQuantLinear(nn.Module):
+    KERNEL_DEVICES = ("cuda",)  # device types whose forward uses the kernels (tests add "cpu" under TRITON_INTERPRET)
+
     def __init__(
         self,
         in_features: int,
@@ -64,6 +79,8 @@ class MoBiQuantLinear(nn.Module):
         self.thresholds = None  # route.ThresholdTable shared by the model's routers
         self.dense_cache = True
         self._dense: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self.use_kernels = True  # on a CUDA device, when the configuration fits (module docstring)
+        self._packed: dict[torch.device, object] = {}  # device -> mobiquant.kernels.PackedSlices
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -92,7 +109,7 @@ class MoBiQuantLinear(nn.Module):
             getattr(self, f"plane_{e}").copy_(packing.pack_nbit_u8(c, b))
         self.scale.copy_(s_1.to(self.scale.dtype))
         self.zero.copy_(z_1.to(self.zero.dtype))
-        self._dense.clear()
+        self._clear_caches()
 
     # ---------------------------------------------------------------- slices and weights
     @property
@@ -153,6 +170,30 @@ class MoBiQuantLinear(nn.Module):
             self.thresholds = ThresholdTable({self.name: self}, "layer")
         return self.thresholds.counts(self.name, scores, budget, stream)
 
+    @property
+    def kernel_compatible(self) -> bool:
+        """Whether this layer's configuration has a kernel (2-bit slices, E <= 4, K % 16, group % 32)."""
+        return ops.kernel_compatible(self.slice_bits, self.in_features, self.group_size)
+
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the custom op (see the module docstring) rather than a torch path."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        return (self.use_kernels and not grad and x.device.type in self.KERNEL_DEVICES
+                and x.dtype in (torch.float16, torch.bfloat16) and self.plane_1.device == x.device
+                and self.kernel_compatible and ops.triton_available())
+
+    def packed(self, device: torch.device | None = None):
+        """The weight in the kernels' layout (``mobiquant.kernels.PackedSlices``) on ``device``, converted once."""
+        device = torch.device(device) if device is not None else self.plane_1.device
+        P = self._packed.get(device)
+        if P is None:
+            from ..kernels.layout import pack_slices
+
+            planes = [self.plane(e).to(device) for e in range(1, self.num_slices + 1)]
+            P = self._packed[device] = pack_slices(planes, self.scale.to(device), self.zero.to(device),
+                                                   self.slice_bits)
+        return P
+
     def forward(self, x: torch.Tensor, k: int | torch.Tensor | None = None) -> torch.Tensor:
         p = current_precision()
         if k is None and p is not None:
@@ -161,6 +202,8 @@ class MoBiQuantLinear(nn.Module):
                 k = self.route(x, p.budget, p.mode, p.generator, p.fit, p.stream)
         if k is None:
             k = self.num_slices
+        if self.uses_kernels(x):
+            return self._forward_kernel(x, k, p)
         if isinstance(k, torch.Tensor):
             if k.shape != x.shape[:-1]:
                 raise MoBiQuantError(f"per-token slice counts of shape {tuple(k.shape)} do not match tokens "
@@ -184,6 +227,26 @@ class MoBiQuantLinear(nn.Module):
                 y = y + F.linear(x, self.delta(e).to(x.dtype))
             return y
         return self._forward_mixed(x, k)
+
+    def _forward_kernel(self, x: torch.Tensor, k: int | torch.Tensor, p) -> torch.Tensor:
+        """The custom op on the kernel layout; no host synchronisation when k is on the device (module docstring)."""
+        if isinstance(k, torch.Tensor):
+            if k.shape != x.shape[:-1]:
+                raise MoBiQuantError(f"per-token slice counts of shape {tuple(k.shape)} do not match tokens "
+                                     f"{tuple(x.shape[:-1])}")
+            if k.device.type == "cpu":  # given by the caller: checked here, for free
+                lo, hi = (int(v) for v in torch.aminmax(k))
+                self._check_k(lo)
+                self._check_k(hi)
+            kt = k.to(device=x.device, dtype=torch.int32)
+        else:
+            self._check_k(int(k))
+            kt = torch.full(x.shape[:-1], int(k), dtype=torch.int32, device=x.device)
+        if p is not None and p.trace is not None:
+            B = torch.tensor([0.0, *self.precisions])
+            p.trace.record(self.name, kt, B, self.in_features * self.out_features)
+        P = self.packed(x.device)
+        return torch.ops.mobiquant.sliced_linear(x, P.qweight, P.scale, P.zero, kt, self.bias, self.group_size)
 
     def _forward_mixed(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K), M = tokens
@@ -211,12 +274,16 @@ class MoBiQuantLinear(nn.Module):
         return sum(W.numel() * W.element_size() for W in self._dense.values())
 
     # ---------------------------------------------------------------- housekeeping
+    def _clear_caches(self) -> None:
+        self._dense.clear()
+        self._packed.clear()
+
     def _apply(self, fn, recurse=True):
-        self._dense.clear()  # moved or cast: rebuild on demand
+        self._clear_caches()  # moved or cast: rebuild on demand
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dense.clear()
+        self._clear_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -229,5 +296,5 @@ def set_dense_cache_(model: nn.Module, enabled: bool) -> nn.Module:
     for m in model.modules():
         if isinstance(m, MoBiQuantLinear):
             m.dense_cache = enabled
-            m._dense.clear()
+            m._clear_caches()
     return model

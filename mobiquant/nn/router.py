@@ -47,7 +47,7 @@ def threshold_for_bits(scores: torch.Tensor, slice_bits: Sequence[int], bits: fl
     """τ such that the nested counts of ``scores`` (T, E-1) realize ``bits`` on average (as close as the tokens
     allow, never below). Exact, by sorting: residual slice e of token t is on iff m_{t,e} = min_{j<=e} s_{t,j} > τ,
     so bits(τ) = b_1 + Σ_{(t,e): m_{t,e} > τ} b_e / T, a step function of τ that falls as τ rises."""
-    scores = scores.float().reshape(-1, scores.shape[-1])
+    scores = scores.float().reshape(-1, scores.shape[-1]).cpu()  # a host-side fit, wherever the scores live
     T = scores.shape[0]
     m = torch.cummin(scores, dim=-1).values.flatten()  # (T*(E-1),)
     w = torch.tensor(slice_bits[1:], dtype=torch.float64).repeat(T) / T  # bits each (t, e) adds when on

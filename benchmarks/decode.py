@@ -1,0 +1,302 @@
+"""End-to-end decode speed of a random-weight LLaMA-3-8B-shaped model on the decode engine (issue 5, deliverable 5).
+
+    PYTHONUNBUFFERED=1 python benchmarks/decode.py                       # full run, writes the JSON below
+    python benchmarks/decode.py --layers 4 --tokens 32                   # smoke test
+    python benchmarks/decode.py --compile                                # also the torch.compile'd engine step
+
+Model: LlamaConfig of LLaMA-3-8B (hidden 4096, 32 layers, 32 heads / 8 kv heads, MLP 14336, vocab 128256), random
+weights (HF init) in fp16 on the GPU. Nothing is downloaded; speed does not depend on the weights' values.
+
+Rows (batch 1, greedy, a 32-token random prompt, then --tokens new tokens):
+* HF ``generate`` on the fp16 model (eager, DynamicCache): the library baseline.
+* the decode engine (mobiquant/engine.py) on the same fp16 model: static KV cache, CUDA graph, cuBLAS linears.
+* ``quantize_`` (slices 2,2,2,2, group 128) + random MoBiRoute routers (hidden 16) whose calibration scores are
+  their own outputs on random inputs, thresholds attached in "layer" mode (route.attach_thresholds_), so that every
+  budget between 2 and 8 bits is realised on average; then the engine at budgets 2, 3, 4, 6, 8 bits (routed) and at
+  uniform k = 1..4 (set_k: the same graph, the routers' counts overridden on the device).
+* elastic_generate (the app's API) at budget 4: the engine plus one host read of logits and counts per token.
+* HF ``generate`` on the quantized model at k = 2 (eager forward; MoBiQuantLinear calls the kernels' custom op).
+
+tok/s = new tokens / wall time of the decode loop (prefill excluded; median of --reps runs). The engine's greedy loop
+replays the graph back to back (the argmax is fed back on the device) and synchronises once at the end.
+Budget switch: host time of ``set_budget`` (device writes only), the first step after a switch against a steady
+step, and the number of graph captures before and after all switches (must not change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import mobiquant
+from mobiquant import MoBiQuantConfig, precision, quantize_
+from mobiquant.engine import DecodeEngine, _fingerprint
+from mobiquant.generate import BudgetControl, elastic_generate
+from mobiquant.nn.router import MoBiRoute
+from mobiquant.route import attach_thresholds_
+
+BUDGETS = (2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+class IdTokenizer:
+    """Enough of a tokenizer for elastic_generate: ids <-> 't<id>' words."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{int(i)}" for i in ids)
+
+
+def build_model(layers: int):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.float16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def attach_random_routers(model, hidden: int = 16, samples: int = 512):
+    """Random MoBiRoute routers; calibration scores = their outputs on random inputs; layer-mode thresholds."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in mobiquant.quantized_linears(model).values():
+        r = MoBiRoute(m.in_features, m.num_slices, hidden, device="cuda")
+        r.fc1.weight.data.normal_(0, m.in_features ** -0.5, generator=g)
+        r.fc1.bias.data.zero_()
+        r.fc2.weight.data.normal_(0, hidden ** -0.5, generator=g)
+        r.fc2.bias.data.zero_()
+        r.half()  # routers are stored in fp16 (the forward runs in fp32)
+        x = torch.randn(samples, m.in_features, device="cuda", generator=g)
+        r.set_calibration_scores_(r(x).detach())
+        m.router = r
+    t0 = time.perf_counter()
+    attach_thresholds_(model, "layer", "nested")
+    return time.perf_counter() - t0
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def engine_tps(eng: DecodeEngine, prompt: torch.Tensor, n: int, reps: int, setup=None) -> dict:
+    """Greedy decode of n tokens after a prefill; tok/s (median of reps), realised bits and ms per token."""
+    def run():
+        eng.prefill(prompt)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            eng.decode()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if setup:
+        setup()
+    run()  # warm-up
+    secs = [run() for _ in range(reps)]
+    med = statistics.median(secs)
+    row = dict(tok_s=n / med, ms_per_token=1e3 * med / n, runs_s=secs)
+    if eng.n_linears:  # realised bits of the decode steps (a separate, host-synchronised pass)
+        eng.prefill(prompt)
+        bits = []
+        for _ in range(min(n, 32)):
+            _, c = eng.decode()
+            bits.append(eng.summarize(c.cpu()[None])[2])
+        row["bits"] = statistics.mean(bits)
+    return row
+
+
+def hf_generate_tps(model, prompt: torch.Tensor, n: int, reps: int) -> dict:
+    ids = prompt[None]
+
+    def gen(k):
+        model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+
+    gen(4)  # warm-up
+    secs = timed(lambda: gen(n), reps)
+    pre = timed(lambda: gen(1), reps)  # prefill + 1 token, subtracted
+    med = statistics.median(secs) - statistics.median(pre)
+    return dict(tok_s=(n - 1) / med, ms_per_token=1e3 * med / (n - 1), runs_s=secs, prefill_s=pre)
+
+
+def switch_latency(eng: DecodeEngine, prompt: torch.Tensor, reps: int = 50) -> dict:
+    """Host time of set_budget, the first decode step after a switch vs a steady one, captures before/after."""
+    captures = eng.captures
+    eng.set_budget(4.0)
+    eng.prefill(prompt)
+    host, first, steady = [], [], []
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    for i in range(reps):
+        b = BUDGETS[i % len(BUDGETS)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.set_budget(b)
+        host.append(time.perf_counter() - t0)
+        ev[0].record()
+        eng.decode()
+        ev[1].record()
+        eng.decode()
+        ev[2].record()
+        torch.cuda.synchronize()
+        first.append(ev[0].elapsed_time(ev[1]))
+        steady.append(ev[1].elapsed_time(ev[2]))
+        if eng.pos.item() > eng.max_seq_len - 8:
+            eng.prefill(prompt)
+    return dict(set_budget_host_ms=1e3 * statistics.median(host), set_budget_host_ms_max=1e3 * max(host),
+                first_step_after_switch_ms=statistics.median(first), steady_step_ms=statistics.median(steady),
+                captures_before=captures, captures_after=eng.captures)
+
+
+def elastic_generate_tps(model, prompt: torch.Tensor, n: int) -> dict:
+    def run():
+        steps = list(elastic_generate(model, IdTokenizer(), prompt, BudgetControl(4.0), max_new_tokens=n))
+        return steps
+
+    run()  # warm-up (engine already built)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    steps = run()
+    dt = time.perf_counter() - t0 - steps[0].seconds
+    return dict(tok_s=(n - 1) / dt, bits=statistics.mean(s.bits for s in steps[1:]),
+                first_step_s=steps[0].seconds)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--hf-tokens", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd step")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_h100.json"))
+    args = ap.parse_args()
+    import transformers
+    import triton
+
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"), layers=args.layers,
+                new_tokens=args.tokens, prompt_tokens=args.prompt, reps=args.reps,
+                config="LLaMA-3-8B shape, random weights, fp16; slices 2,2,2,2, group 128, routers hidden 16")
+    log(info)
+    res = dict(info=info, rows={})
+    rows = res["rows"]
+
+    def save():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+    t0 = time.perf_counter()
+    model = build_model(args.layers)
+    log(f"model built in {time.perf_counter() - t0:.1f} s")
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    max_len = 1024 * ((args.prompt + args.tokens + 8 + 1023) // 1024)
+
+    with torch.no_grad():
+        rows["hf_generate_fp16"] = hf_generate_tps(model, prompt, args.hf_tokens, 2)
+        log("hf generate fp16", rows["hf_generate_fp16"]["tok_s"])
+        t0 = time.perf_counter()
+        eng = DecodeEngine(model, max_len)
+        rows["engine_fp16"] = engine_tps(eng, prompt, args.tokens, args.reps)
+        rows["engine_fp16"]["build_s"] = time.perf_counter() - t0
+        log("engine fp16", rows["engine_fp16"]["tok_s"])
+        # correctness: engine fp16 greedy tokens vs HF generate greedy tokens
+        ref = model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, -16:]
+        logits, _ = eng.prefill(prompt)
+        toks = [int(logits.argmax())]
+        for _ in range(15):
+            lg, _ = eng.decode()
+            toks.append(int(lg.argmax()))
+        res["check_fp16_greedy_tokens_equal_hf"] = sum(a == b for a, b in zip(toks, ref.tolist()))
+        log("greedy tokens equal to HF generate:", res["check_fp16_greedy_tokens_equal_hf"], "/ 16")
+        del eng
+        torch.cuda.empty_cache()
+        save()
+
+        t0 = time.perf_counter()
+        quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
+        rows["quantize_s"] = time.perf_counter() - t0
+        rows["thresholds_s"] = attach_random_routers(model)
+        torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        eng = DecodeEngine(model, max_len)
+        rows["engine_build_s"] = time.perf_counter() - t0
+        log(f"quantized in {rows['quantize_s']:.1f} s, thresholds {rows['thresholds_s']:.1f} s, "
+            f"engine built + captured in {rows['engine_build_s']:.1f} s")
+        for b in BUDGETS:
+            r = rows[f"engine_budget_{b:g}"] = engine_tps(eng, prompt, args.tokens, args.reps,
+                                                          lambda b=b: eng.set_budget(b))
+            log(f"engine budget {b:g}", r["tok_s"], r["bits"])
+        for k in (1, 2, 3, 4):
+            rows[f"engine_k{k}"] = engine_tps(eng, prompt, args.tokens, args.reps, lambda k=k: eng.set_k(k))
+            log(f"engine k={k}", rows[f"engine_k{k}"]["tok_s"])
+        rows["switch"] = switch_latency(eng, prompt)
+        log("switch", rows["switch"])
+        save()
+        model.__dict__["_mobiquant_engine"] = eng  # elastic_generate reuses it
+        eng._fingerprint = _fingerprint(model)
+        rows["elastic_generate_budget_4"] = elastic_generate_tps(model, prompt.cpu(), min(args.tokens, 64))
+        log("elastic_generate", rows["elastic_generate_budget_4"])
+        save()
+        with precision(k=2):
+            rows["hf_generate_quantized_k2"] = hf_generate_tps(model, prompt, min(args.hf_tokens, 16), 1)
+        log("hf generate quantized k=2", rows["hf_generate_quantized_k2"]["tok_s"])
+        save()
+        if args.compile:
+            try:
+                del eng, model.__dict__["_mobiquant_engine"]
+                torch.cuda.empty_cache()
+                t0 = time.perf_counter()
+                eng = DecodeEngine(model, max_len, compile=True)
+                rows["engine_compiled_build_s"] = time.perf_counter() - t0
+                for b in (2.0, 4.0, 8.0):
+                    rows[f"engine_compiled_budget_{b:g}"] = engine_tps(eng, prompt, args.tokens, args.reps,
+                                                                       lambda b=b: eng.set_budget(b))
+                    log(f"compiled engine budget {b:g}", rows[f"engine_compiled_budget_{b:g}"]["tok_s"])
+            except Exception as e:  # report, keep the other rows
+                rows["engine_compiled_error"] = f"{type(e).__name__}: {e}"[:2000]
+                log("compile failed:", rows["engine_compiled_error"])
+            save()
+
+    log("\n| case | tok/s | ms/token | realised bits |")
+    log("|---|---|---|---|")
+    for name, r in rows.items():
+        if isinstance(r, dict) and "tok_s" in r:
+            log(f"| {name} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r.get('bits', float('nan')):.3f} |")
+    s = rows["switch"]
+    log(f"budget switch: set_budget {s['set_budget_host_ms']:.3f} ms host (max {s['set_budget_host_ms_max']:.3f}); "
+        f"first step after switch {s['first_step_after_switch_ms']:.3f} ms vs steady {s['steady_step_ms']:.3f} ms; "
+        f"captures {s['captures_before']} -> {s['captures_after']}")
+    save()
+
+
+if __name__ == "__main__":
+    main()

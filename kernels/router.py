@@ -1,0 +1,90 @@
+"""Fused decode-time router: the MoBiRoute MLPs of a group of linears that share one input, thresholds and nested
+slice counts in one launch (one token).
+
+Shapes (R routers, hidden H, E slices, input K):
+    x (K,) fp16/bf16/fp32            the token's input to the linears (q/k/v share one, gate/up another)
+    s (R, K)                         each router's input scale (per-channel calibration RMS)
+    w1 (R, H, K), b1 (R, H)          fc1;   w2 (R, E-1, H), b2 (R, E-1)   fc2      (any float dtype)
+    tau (R,) fp32                    thresholds in force (the engine looks them up from its budget table)
+    force_on, force_off (E-1,) bool  band allocation: residual slices always on / always off (both False: nested)
+    given (R,) bool, counts_in (R,)  where given, the count is counts_in (uniform / random modes, routerless linears)
+    -> counts (R,) int32             n = 1 + Σ_e Π_{j<=e} 1[score_j > τ]      (nested, mobiquant/nn/router.py)
+
+Why a kernel: in torch this is about 16 small launches per group (scale, two matmuls, SiLU, compare, cumprod, ...),
+4 groups per LLaMA block, so ~2,000 launches per token for an 8B model; inside a CUDA graph each still costs ~2 µs.
+Here it is one launch per group. One program per router streams its fc1 rows over K (BLOCK_K at a time, fp32
+accumulation) and finishes fc2, the thresholds and the count in registers. Arithmetic is fp32 like MoBiRoute.forward
+(summation order differs, so a score within ~1e-6 of τ may fall on the other side).
+The pure-torch twin is ``mobiquant.ops.route_counts_ref``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_counts_kernel(
+    x_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, given_ptr, cin_ptr, out_ptr,
+    K, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr, EP: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    r = tl.program_id(0)
+    offs_h = tl.arange(0, HP)
+    h_mask = offs_h < H
+    acc = tl.zeros((HP,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        sv = tl.load(s_ptr + r * K + offs_k, mask=k_mask, other=1.0).to(tl.float32)
+        w = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
+                    mask=h_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
+        acc += tl.sum(w * (xv / sv)[None, :], axis=1)
+    h = acc + tl.load(b1_ptr + r * H + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    h = h / (1.0 + tl.exp(-h))  # SiLU; padded units stay 0
+    offs_e = tl.arange(0, EP)
+    e_mask = offs_e < EM1
+    w2 = tl.load(w2_ptr + r * EM1 * H + offs_e[:, None] * H + offs_h[None, :],
+                 mask=e_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)  # (EP, HP)
+    sc = tl.sum(w2 * h[None, :], axis=1) + tl.load(b2_ptr + r * EM1 + offs_e, mask=e_mask, other=0.0).to(tl.float32)
+    tau = tl.load(tau_ptr + r)
+    on = tl.load(on_ptr + offs_e, mask=e_mask, other=0) != 0
+    off = tl.load(off_ptr + offs_e, mask=e_mask, other=0) != 0
+    alive = (on | ((sc > tau) & (off == 0))).to(tl.int32)  # (EP,): score forced to +inf / -inf, else compared
+    count = 1
+    run = 1
+    for e in tl.static_range(EM1):  # nested: residual slice e only if every slice before it is on
+        run = run * tl.sum(tl.where(offs_e == e, alive, 0), axis=0)
+        count = count + run
+    given = tl.load(given_ptr + r) != 0
+    out = tl.where(given, tl.load(cin_ptr + r), count)
+    tl.store(out_ptr + r, out.to(tl.int32))
+
+
+def _i8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int8) if t.dtype == torch.bool else t
+
+
+def route_counts(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                 b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
+                 given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """counts (R,) int32 for one token (module docstring). All tensors contiguous on x's device. No host sync."""
+    R, H, K = w1.shape
+    EM1 = w2.shape[1]
+    if x.numel() != K or s.shape != (R, K) or w2.shape != (R, EM1, H) or tau.shape != (R,):
+        raise ValueError(f"route_counts: x {tuple(x.shape)}, s {tuple(s.shape)}, w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)}, tau {tuple(tau.shape)} do not fit")
+    if counts_in.dtype != torch.int32:
+        raise ValueError("counts_in must be int32")
+    out = torch.empty(R, dtype=torch.int32, device=x.device) if out is None else out
+    _route_counts_kernel[(R,)](
+        x.reshape(-1), s, w1, b1, w2, b2, tau, _i8(force_on), _i8(force_off), _i8(given), counts_in, out,
+        K, H=H, EM1=EM1, HP=max(triton.next_power_of_2(H), 2), EP=max(triton.next_power_of_2(EM1), 2),
+        BLOCK_K=256, num_warps=4,
+    )
+    return out
+
+
+__all__ = ["route_counts"]

@@ -1,0 +1,536 @@
+"""Fast decode engine for HF LLaMA-family models (LLaMA, Mistral, Qwen2): static KV cache, the one-token decode step
+captured once in a CUDA graph, routing and budget on the device (issue #5, deliverable 4; gpt-fast's design).
+
+    eng = DecodeEngine(model, max_seq_len=1024)          # model on CUDA, quantized (or not: the fp16 baseline)
+    eng.set_budget(4.0)                                  # device tensors only: no recapture, no recompilation
+    logits, counts = eng.prefill(ids)                    # ids (T,) long; counts (T, n_linears) int32
+    logits, counts = eng.decode()                        # one graph replay: the greedy token of the last step
+    eng.set_budget(2.5); eng.decode(token_id)            # next token at 2.5 bits, or a token chosen by the caller
+
+The engine runs the HF model's own modules and weights (embeddings, RMSNorm, activation, rotary tables, lm_head)
+through its own forward, so that every shape is static and nothing leaves the device:
+
+* **KV cache**: (layers, kv heads, max_seq_len, head_dim) tensors written with ``index_copy_`` at the position held in
+  a device tensor; decode attends over the whole cache with a mask ``j <= pos`` (and the sliding window, if any).
+* **Linears**: a quantized linear runs ``torch.ops.mobiquant.sliced_linear`` (the Triton kernels, mobiquant/ops.py)
+  with its per-token slice count as a device tensor; an ``nn.Linear`` runs ``F.linear`` (the fp16 engine).
+  A quantized linear outside the kernels' constraints (mobiquant/ops.py ``kernel_compatible``) is not served on
+  CUDA (``supported`` says why; elastic_generate then keeps the HF path). Without the kernels (the CPU, where tests
+  run the same forward eagerly, or ``use_kernels=False``) each quantized linear runs its E dense per-precision
+  weights and picks each token's result on the device: E products and E dense weights in memory.
+* **Routing**: the routers of linears that share an input (q/k/v, o, gate/up, down) run as one fused launch at
+  decode (``torch.ops.mobiquant.route_counts``: MLPs, thresholds, nested counts); prefill runs the same function in
+  torch. Thresholds come from a device table τ[p, linear] over a grid of budgets (every 1/8 bit from B_1 to B_E),
+  filled at construction from each model's ``ThresholdTable`` (route.py) in its "layer" form; the step reads the row
+  of the budget held in a device scalar. A budget between grid points uses the nearest grid budget (at most 1/16 bit
+  away). The "band" allocation is a second device table (slices forced on / off per grid budget).
+  **Not graphable**: the "adaptive" threshold mode (a Python-side history of the text's scores, re-thresholded every
+  64 tokens); the engine uses the layer thresholds fitted at calibration for a model attached in that mode, so its
+  realized bits follow the calibration text rather than the user's.
+* **Modes**: ``set_budget`` (routers), ``set_k`` (uniform) and ``set_counts`` (counts given per linear, e.g. the
+  random baseline drawn on the host exactly as the torch path draws them) only write device tensors.
+
+``decode`` replays the captured graph (``capture=True``, the default on CUDA): the graph reads the input token and
+position from device buffers, writes fp32 logits, every linear's slice count, the greedy next token, and advances
+the position, so consecutive greedy steps need no host work at all (``decode()``) and sampling costs one copy of the
+logits (``decode(token_id)`` writes the caller's token first).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .errors import MoBiQuantError
+from .nn.linear import MoBiQuantLinear
+from .route import ThresholdTable
+from .trace import _LINEAR_ORDER, split_name
+
+GRID = 8  # budget grid of the threshold table: every 1/GRID bit
+FAMILIES = ("llama", "mistral", "qwen2")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def supported(model, use_kernels: bool | None = None) -> str | None:
+    """None if the engine can serve ``model``, else the reason (one line)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in FAMILIES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {FAMILIES}"
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not len(layers) or not hasattr(model, "lm_head"):
+        return "no model.model.layers / lm_head"
+    rope = getattr(getattr(base, "rotary_emb", None), "rope_type", "default")
+    if rope in ("dynamic", "longrope"):
+        return f"rope type {rope!r} depends on the sequence length"
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if hasattr(attn, "q_norm") or not all(hasattr(attn, n) for n in _ATTN) or \
+                not all(hasattr(mlp, n) for n in _MLP):
+            return "a decoder block is not LLaMA-shaped (q/k/v/o, gate/up/down, no q_norm)"
+    dev = base.embed_tokens.weight.device
+    use_kernels = (dev.type == "cuda" and ops.triton_available()) if use_kernels is None else use_kernels
+    qs = [m for m in model.modules() if isinstance(m, MoBiQuantLinear)]
+    if len({m.slice_bits for m in qs}) > 1:
+        return "quantized linears with different slice lists"
+    if use_kernels and any(not m.kernel_compatible for m in qs):
+        return "a quantized linear does not fit the kernels (2-bit slices, E <= 4, K % 16, group % 32)"
+    return None
+
+
+class _Group:
+    """Quantized linears of one block that share an input, and their routers stacked for one fused launch."""
+
+    def __init__(self, idx: list[int], mods: list[MoBiQuantLinear], device):
+        self.idx = torch.tensor(idx, dtype=torch.long, device=device)  # global linear indices
+        self.lo, self.hi = idx[0], idx[-1] + 1  # contiguous by construction
+        routers = [m.router for m in mods]
+        self.routed = any(r is not None for r in routers)
+        if not self.routed:
+            return
+        E = mods[0].num_slices
+        K = mods[0].in_features
+        H = max(r.fc1.out_features for r in routers if r is not None)
+        R = len(mods)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.s = torch.ones(R, K, **f32)
+        self.w1 = torch.zeros(R, H, K, **f32)
+        self.b1 = torch.zeros(R, H, **f32)
+        self.w2 = torch.zeros(R, E - 1, H, **f32)
+        self.b2 = torch.zeros(R, E - 1, **f32)
+        for r, rt in enumerate(routers):  # a linear without router keeps zeros; its count is always "given"
+            if rt is None:
+                continue
+            h = rt.fc1.out_features
+            self.s[r] = rt.input_scale.float()
+            self.w1[r, :h] = rt.fc1.weight.float()
+            self.b1[r, :h] = rt.fc1.bias.float()
+            self.w2[r, :, :h] = rt.fc2.weight.float()
+            self.b2[r] = rt.fc2.bias.float()
+
+
+class DecodeEngine:
+    """Static-shape prefill / decode of a HF LLaMA-family model (module docstring)."""
+
+    def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
+                 capture: bool | None = None, compile: bool = False):
+        reason = supported(model, use_kernels)
+        if reason:
+            raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
+        cfg = model.config
+        base = model.model
+        self.model, self.base, self.layers = model, base, base.layers
+        self.device = base.embed_tokens.weight.device
+        self.dtype = base.embed_tokens.weight.dtype
+        self.use_kernels = (self.device.type == "cuda" and ops.triton_available()) if use_kernels is None \
+            else use_kernels
+        self.max_seq_len = int(max_seq_len)
+        a0 = self.layers[0].self_attn
+        self.head_dim = a0.head_dim
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.scaling = a0.scaling
+        window = getattr(cfg, "sliding_window", None)
+        self.window = window if window and getattr(cfg, "use_sliding_window", True) and window < max_seq_len else None
+        self.lock = threading.Lock()  # one generation at a time owns the cache
+        dev = dict(device=self.device)
+        with torch.no_grad():
+            self._build_linears()
+            L, S = len(self.layers), self.max_seq_len
+            self.k_cache = torch.zeros(L, self.n_kv, S, self.head_dim, dtype=self.dtype, **dev)
+            self.v_cache = torch.zeros_like(self.k_cache)
+            pos = torch.arange(S, **dev)[None]
+            cos, sin = base.rotary_emb(self.k_cache[0, 0, :1], pos)  # HF's own tables, for every position
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (S, head_dim)
+            self._build_routing()
+            # static buffers of the decode step
+            self.tok = torch.zeros(1, dtype=torch.long, **dev)
+            self.pos = torch.zeros(1, dtype=torch.long, **dev)
+            self.logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, **dev)
+            self.counts_out = torch.ones(max(self.n_linears, 1), dtype=torch.int32, **dev)
+            self._kv_pos = torch.arange(S, **dev)
+        self.graph = None
+        self.captures = 0  # graphs captured so far (a budget change must not add one)
+        self._step = torch.compile(self._decode_body, fullgraph=False) if compile else self._decode_body
+        if capture if capture is not None else self.device.type == "cuda":
+            self.capture()
+
+    # ------------------------------------------------------------------------------------------ construction
+    def _build_linears(self) -> None:
+        self.names, self.quant = [], []  # quantized linears, global order (block by block, q k v o gate up down)
+        self.blocks = []  # per block: dict leaf -> (module, global index or None)
+        for layer in self.layers:
+            mods = {n: getattr(layer.self_attn, n) for n in _ATTN} | {n: getattr(layer.mlp, n) for n in _MLP}
+            entry = {}
+            for leaf, m in mods.items():
+                if isinstance(m, MoBiQuantLinear):
+                    entry[leaf] = (m, len(self.quant))
+                    self.quant.append(m)
+                    self.names.append(m.name or leaf)
+                else:
+                    entry[leaf] = (m, None)
+            self.blocks.append(entry)
+        self.n_linears = len(self.quant)
+        self.packed = {}  # global index -> PackedSlices (the engine holds them: the graph captures their pointers)
+        self.dense = {}  # global index -> [Ŵ_1..Ŵ_E] (torch path, CPU)
+        for j, m in enumerate(self.quant):
+            if self.use_kernels:
+                self.packed[j] = m.packed(self.device)
+            else:
+                self.dense[j] = [m._dense_weight(k, self.dtype, self.device) for k in range(1, m.num_slices + 1)]
+
+    def _build_routing(self) -> None:
+        dev = self.device
+        self.groups = []  # per block: {"qkv": _Group, "o": ..., "gu": ..., "down": ...}
+        for entry in self.blocks:
+            g = {}
+            for key, leaves in (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
+                                ("gu", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
+                q = [(entry[n][1], entry[n][0]) for n in leaves if entry[n][1] is not None]
+                g[key] = _Group([j for j, _ in q], [m for _, m in q], dev) if q else None
+            self.groups.append(g)
+        n = self.n_linears
+        self.given = torch.ones(max(n, 1), dtype=torch.bool, device=dev)  # count taken from counts_in
+        self.counts_in = torch.ones(max(n, 1), dtype=torch.int32, device=dev)
+        self.budget = torch.zeros((), dtype=torch.float32, device=dev)
+        if not n:
+            self.precisions = []
+            return
+        m0 = self.quant[0]
+        self.slice_bits, self.precisions = m0.slice_bits, m0.precisions
+        E = m0.num_slices
+        self.routed = [m.router is not None for m in self.quant]
+        B0, BE = self.precisions[0], self.precisions[-1]
+        P = int(round((BE - B0) * GRID)) + 1
+        self.grid = [B0 + p / GRID for p in range(P)]
+        tau = torch.zeros(P, n, dtype=torch.float32)
+        force_on = torch.zeros(P, max(E - 1, 1), dtype=torch.bool)
+        force_off = torch.zeros_like(force_on)
+        allocation = None
+        for j, m in enumerate(self.quant):
+            if not self.routed[j]:
+                continue
+            table = m.thresholds if m.thresholds is not None else ThresholdTable({m.name: m}, "layer")
+            if allocation not in (None, table.allocation):
+                raise MoBiQuantError("the model's routers mix the nested and band allocations")
+            allocation = table.allocation
+            name = m.name if m.name in table.linears else next(iter(table.linears))
+            for p, b in enumerate(self.grid):  # "layer" τ; an "adaptive" table's _build gives the same
+                tau[p, j] = table.tau(name, b) if table.mode != "adaptive" else _layer_tau(table, name, b)
+        if allocation == "band":
+            for p, b in enumerate(self.grid):
+                k_hi = next((k for k, bk in enumerate(self.precisions, start=1) if bk >= b - 1e-9), E)
+                for c in range(E - 1):  # residual column c holds slice c + 2 (route.band_scores)
+                    force_on[p, c] = c < k_hi - 2
+                    force_off[p, c] = c > k_hi - 2
+        self.allocation = allocation or "nested"
+        self.tau_table = tau.to(dev)
+        self.force_on_table, self.force_off_table = force_on.to(dev), force_off.to(dev)
+        self.set_k(E)
+
+    # ------------------------------------------------------------------------------------------ precision
+    def set_budget(self, budget: float) -> None:
+        """Routers pick each token's slices for ``budget`` average bits (device writes only)."""
+        self._need_quant()
+        B = self.precisions
+        if not B[0] - 1e-9 <= budget <= B[-1] + 1e-9:
+            raise MoBiQuantError(f"bit budget {budget:g} is outside this model's range {B[0]:g}..{B[-1]:g} bits")
+        given = [not r for r in self.routed]
+        if any(given):  # routerless linears: only the uniform budgets (as MoBiQuantLinear.route)
+            if not any(abs(budget - b) < 1e-9 for b in B):
+                raise MoBiQuantError(f"a linear has no router (not calibrated): only the uniform budgets {B} bits, "
+                                     "or mode='random'")
+            self.counts_in.fill_(min(range(len(B)), key=lambda i: abs(B[i] - budget)) + 1)
+        self.given.copy_(torch.tensor(given), non_blocking=True)
+        self.budget.fill_(float(budget))
+
+    def set_k(self, k: int) -> None:
+        """Every token and linear at the first k slices."""
+        self._need_quant()
+        if not 1 <= k <= len(self.precisions):
+            raise MoBiQuantError(f"k={k} slices requested; this model has 1..{len(self.precisions)}")
+        self.given.fill_(True)
+        self.counts_in.fill_(int(k))
+
+    def set_counts(self, counts: torch.Tensor) -> None:
+        """Counts given per linear (n_linears,) for the next decode step (the random baseline draws them)."""
+        self._need_quant()
+        self.given.fill_(True)
+        self.counts_in.copy_(counts.reshape(-1).to(torch.int32), non_blocking=True)
+
+    def _need_quant(self) -> None:
+        if not self.n_linears:
+            raise MoBiQuantError("this model has no quantized linears: nothing to route")
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _thresholds(self):
+        """(τ (n,), force_on (E-1,), force_off (E-1,)) of the budget in force: a device-side table lookup."""
+        p = ((self.budget - self.precisions[0]) * GRID).round().clamp(0, len(self.grid) - 1).long().reshape(1)
+        return (self.tau_table.index_select(0, p)[0], self.force_on_table.index_select(0, p)[0],
+                self.force_off_table.index_select(0, p)[0])
+
+    def _route(self, group: _Group | None, x: torch.Tensor, th, given_counts) -> torch.Tensor | None:
+        """(T, R) int32 counts of a group's linears for the T tokens x (T, K)."""
+        if group is None:
+            return None
+        T = x.shape[0]
+        lo, hi = group.lo, group.hi
+        cin = self.counts_in[lo:hi] if given_counts is None else given_counts[:, lo:hi]
+        given = self.given[lo:hi] if given_counts is None else torch.ones_like(self.given[lo:hi])
+        if not group.routed:
+            return cin.expand(T, hi - lo).to(torch.int32)
+        tau, on, off = th[0][lo:hi], th[1], th[2]  # the budget's row of the device tables
+        if T == 1 and given_counts is None and self.use_kernels:
+            return torch.ops.mobiquant.route_counts(x[0], group.s, group.w1, group.b1, group.w2, group.b2, tau, on,
+                                                    off, given, cin)[None]
+        scores = ops.router_scores(x, group.s, group.w1, group.b1, group.w2, group.b2)
+        return ops.counts_from_scores(scores, tau, on, off, given, cin)
+
+    def _linear(self, mod, j: int | None, x: torch.Tensor, counts: torch.Tensor | None, group) -> torch.Tensor:
+        if j is None:
+            return F.linear(x, mod.weight, mod.bias)
+        c = counts[:, j - group.lo]  # (T,) int32: this linear's column of its group's counts
+        if self.use_kernels:
+            P = self.packed[j]
+            return torch.ops.mobiquant.sliced_linear(x, P.qweight, P.scale, P.zero, c, mod.bias, P.group_size)
+        W = self.dense[j]
+        y = F.linear(x, W[0], mod.bias)
+        for k in range(2, len(W) + 1):  # each token's own Ŵ_k, chosen on the device
+            y = torch.where((c == k)[:, None], F.linear(x, W[k - 1], mod.bias), y)
+        return y
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, decode: bool, given_counts=None):
+        """ids (T,), positions (T,) -> (logits (V,) fp32 of the last token, counts (T, n_linears) int32)."""
+        T = ids.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        h = self.base.embed_tokens(ids)  # (T, hidden)
+        cos = self.cos.index_select(0, positions)[None]  # (1, T, D), broadcast over heads
+        sin = self.sin.index_select(0, positions)[None]
+        th = self._thresholds() if self.n_linears and any(self.routed) else None
+        if decode:
+            valid = self._kv_pos <= positions  # (S,) keys written so far
+            if self.window:
+                valid &= self._kv_pos > positions - self.window
+        all_counts = []
+        for l, (layer, blk, grp) in enumerate(zip(self.layers, self.blocks, self.groups)):
+
+            def lin(leaf, x, counts, group, blk=blk):
+                return self._linear(*blk[leaf], x, counts, group)
+
+            x = layer.input_layernorm(h)
+            c = self._route(grp["qkv"], x, th, given_counts)
+            q = lin("q_proj", x, c, grp["qkv"]).view(T, H, D).transpose(0, 1)  # (H, T, D)
+            k = lin("k_proj", x, c, grp["qkv"]).view(T, KV, D).transpose(0, 1)  # (KV, T, D)
+            v = lin("v_proj", x, c, grp["qkv"]).view(T, KV, D).transpose(0, 1)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[l].index_copy_(1, positions, k)
+            self.v_cache[l].index_copy_(1, positions, v)
+            if decode:  # one query against the whole static cache, masked (GQA: G query heads per kv head)
+                qg = q.reshape(KV, H // KV, D)  # (KV, G, D)
+                s = torch.matmul(qg, self.k_cache[l].transpose(1, 2)).float() * self.scaling  # (KV, G, S)
+                s = s.masked_fill(~valid, float("-inf"))
+                o = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), self.v_cache[l])  # (KV, G, D)
+                o = o.reshape(1, H * D)
+            else:  # prefill from position 0: causal attention over the prompt itself
+                G = H // KV
+                kk, vv = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
+                mask = None
+                if self.window and T > self.window:
+                    i = torch.arange(T, device=ids.device)
+                    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+                o = F.scaled_dot_product_attention(q[None], kk[None], vv[None], attn_mask=mask,
+                                                   is_causal=mask is None, scale=self.scaling)[0]
+                o = o.transpose(0, 1).reshape(T, H * D)  # (T, H*D)
+            co = self._route(grp["o"], o, th, given_counts)
+            h = h + lin("o_proj", o, co, grp["o"])
+            x = layer.post_attention_layernorm(h)
+            cg = self._route(grp["gu"], x, th, given_counts)
+            a = layer.mlp.act_fn(lin("gate_proj", x, cg, grp["gu"])) * lin("up_proj", x, cg, grp["gu"])
+            cd = self._route(grp["down"], a, th, given_counts)
+            h = h + lin("down_proj", a, cd, grp["down"])
+            all_counts += [t for t in (c, co, cg, cd) if t is not None]
+        h = self.base.norm(h[-1:])
+        logits = F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)[0].float()
+        if not all_counts:
+            return logits, torch.ones(T, 1, dtype=torch.int32, device=ids.device)
+        return logits, torch.cat(all_counts, dim=1)
+
+    def _decode_body(self) -> None:
+        logits, counts = self._forward(self.tok, self.pos, decode=True)
+        self.logits.copy_(logits)
+        self.counts_out.copy_(counts[0])
+        self.tok.copy_(logits.argmax().reshape(1))  # greedy feedback: the next step's input unless overwritten
+        self.pos.add_(1)
+
+    # ------------------------------------------------------------------------------------------ public steps
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """Capture the decode step in a CUDA graph (after warm-up runs that compile the kernels)."""
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                self.pos.zero_()
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        self.pos.zero_()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.captures += 1
+        self.pos.zero_()
+        if self.use_kernels:  # the split-K workspaces in the graph stay alive with it, even if later calls grow them
+            from .kernels.sliced_gemv import _WORKSPACE
+
+            self._workspaces = dict(_WORKSPACE)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, counts: torch.Tensor | None = None):
+        """Run the prompt ids (T,) from position 0 (eager). counts: optional (T, n_linears) given counts.
+        Returns (logits (V,) fp32 of the last token, counts (T, n_linears) int32), both on the device."""
+        ids = ids.reshape(-1).to(self.device)
+        T = ids.shape[0]
+        if not 1 <= T < self.max_seq_len:
+            raise MoBiQuantError(f"a prompt of {T} tokens does not fit the engine's {self.max_seq_len} positions")
+        given = None if counts is None else counts.to(device=self.device, dtype=torch.int32).reshape(T, -1)
+        logits, out = self._forward(ids, torch.arange(T, device=self.device), decode=False, given_counts=given)
+        self.pos.fill_(T)
+        self.tok.copy_(logits.argmax().reshape(1))
+        self.logits.copy_(logits)
+        return self.logits, out
+
+    @torch.no_grad()
+    def decode(self, token: int | None = None):
+        """One decode step (graph replay). token: the input token; None = the greedy token of the previous step.
+        Returns (logits (V,) fp32, counts (n_linears,) int32): static buffers, overwritten by the next step."""
+        if token is not None:
+            self.tok.fill_(int(token))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.logits, self.counts_out
+
+    # ------------------------------------------------------------------------------------------ reporting
+    def summarize(self, counts: torch.Tensor):
+        """counts (T, n) on the CPU -> (slices (layers, linears) of the last token, column names, realized bits):
+        what ``RoutingTrace.matrix()`` and ``realized_bits()`` give for the same counts."""
+        if not hasattr(self, "_cols"):
+            split = [split_name(n) for n in self.names]
+            self._col_names = sorted({leaf for _, leaf in split}, key=_LINEAR_ORDER)
+            self._rows = torch.tensor([i for i, _ in split])
+            self._cols = torch.tensor([self._col_names.index(leaf) for _, leaf in split])
+            self._w = torch.tensor([m.in_features * m.out_features for m in self.quant], dtype=torch.float64)
+            self._B = torch.tensor([0.0, *self.precisions], dtype=torch.float64)
+        counts = counts.reshape(-1, self.n_linears).long()
+        out = torch.zeros(1 + int(self._rows.max()), len(self._col_names), dtype=torch.long)
+        keep = self._rows >= 0
+        out[self._rows[keep], self._cols[keep]] = counts[-1, keep]
+        bits = float((self._B[counts] * self._w).sum() / (self._w.sum() * counts.shape[0]))
+        return out, list(self._col_names), bits
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _layer_tau(table: ThresholdTable, name: str, bits: float) -> float:
+    """τ of the "layer" mode for a table attached in "adaptive" mode (the fitted grid, else calibration scores)."""
+    return table.tau(name, bits)  # ThresholdTable._build treats "adaptive" exactly as "layer"
+
+
+# ---------------------------------------------------------------------------------------------- generation
+_ENGINES_LOCK = threading.Lock()
+
+
+def _fingerprint(model) -> tuple:
+    qs = [m for m in model.modules() if isinstance(m, MoBiQuantLinear)]
+    emb = model.model.embed_tokens.weight
+    return (emb.device, emb.dtype, emb.data_ptr(), tuple((id(m), m.plane_1.data_ptr(), id(m.router)) for m in qs))
+
+
+def engine_for(model, needed_len: int) -> DecodeEngine | None:
+    """The model's cached engine with at least ``needed_len`` positions (built or rebuilt when needed), or None
+    if the engine cannot serve this model (``supported``) or is busy with another generation."""
+    if supported(model) is not None:
+        return None
+    with _ENGINES_LOCK:
+        eng = model.__dict__.get("_mobiquant_engine")
+        fp = _fingerprint(model)
+        if eng is not None and (eng.max_seq_len < needed_len or eng._fingerprint != fp):
+            if eng.lock.locked():
+                return None
+            eng = None
+        if eng is None:
+            limit = getattr(model.config, "max_position_embeddings", 4096)
+            size = min(max(1024, 1024 * math.ceil(needed_len / 1024)), max(limit, needed_len))
+            eng = DecodeEngine(model, size)
+            eng._fingerprint = fp
+            model.__dict__["_mobiquant_engine"] = eng
+        return eng
+
+
+def engine_steps(eng: DecodeEngine, tokenizer, ids: torch.Tensor, control, precisions, max_new_tokens: int,
+                 temperature: float, top_p: float, seed: int, eos: set):
+    """elastic_generate's loop on the engine: the same TokenStep per token (see generate.py). Holds eng.lock."""
+    from .generate import TokenStep, _sample, _step_precision
+    from .route import random_counts
+
+    if not eng.lock.acquire(blocking=False):
+        return None
+
+    def run():
+        try:
+            gen = torch.Generator().manual_seed(seed)
+            generated, text_so_far = [], ""
+            T = ids.shape[-1]
+            for i in range(max_new_tokens):
+                if control.stop:
+                    return
+                t0 = time.perf_counter()
+                budget, kw = _step_precision(precisions, control, seed + i)
+                n_tok = T if i == 0 else 1
+                given = None
+                if "k" in kw:
+                    eng.set_k(kw["k"])
+                elif kw["mode"] == "random":  # drawn exactly as MoBiQuantLinear.route draws them, linear by linear
+                    g = torch.Generator().manual_seed(kw["seed"])
+                    given = torch.stack([random_counts((1, n_tok), eng.slice_bits, budget, g).reshape(-1)
+                                         for _ in range(eng.n_linears)], dim=1)  # (n_tok, n)
+                    if i:
+                        eng.set_counts(given[0])
+                else:
+                    eng.set_budget(budget)
+                if i == 0:
+                    logits, counts = eng.prefill(ids, given)
+                else:
+                    logits, counts = eng.decode(generated[-1])
+                logits, counts = logits.cpu(), counts.cpu()  # the step's one synchronisation
+                tok = _sample(logits, temperature, top_p, gen)
+                probs = torch.softmax(logits, dim=-1)
+                top_p_vals, top_ids = probs.topk(5)
+                generated.append(tok)
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                piece, text_so_far = text[len(text_so_far):], text
+                slices, names, bits = eng.summarize(counts)
+                yield TokenStep(i, tok, piece, budget, control.mode, bits, slices, names,
+                                time.perf_counter() - t0, float(probs[tok]),
+                                [(tokenizer.decode([int(t)]), float(p)) for t, p in zip(top_ids, top_p_vals)])
+                if tok in eos:
+                    return
+        finally:
+            eng.lock.release()
+
+    return run()
+
+
+__all__ = ["DecodeEngine", "supported", "engine_for", "engine_steps", "GRID"]

@@ -1,0 +1,203 @@
+"""The decode engine (mobiquant/engine.py) against the HF forward with the torch path: same logits, same slice counts,
+same TokenSteps. CPU: the engine's forward runs eagerly (no CUDA graph) through the dense per-precision weights, or
+through the kernels under Triton's interpreter. GPU (`pytest -m gpu tests/test_engine.py`): CUDA-graph capture, budget
+changes without recapture, no host synchronisation in a step, elastic_generate on the engine."""
+
+import pytest
+import torch
+
+from mobiquant import RoutingTrace, precision
+from mobiquant.engine import DecodeEngine, engine_steps, supported
+from mobiquant.generate import BudgetControl, _precisions, elastic_generate
+from mobiquant.route import attach_thresholds_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class WordTokenizer:
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text):
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{int(i)}" for i in ids)
+
+
+def hf_step(model, ids, cache, **kw):
+    tr = RoutingTrace()
+    with torch.no_grad(), precision(trace=tr, **kw):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return out.logits[0, -1].float(), out.past_key_values, tr
+
+
+@pytest.mark.parametrize("allocation", ["nested", "band"])
+def test_prefill_and_decode_match_hf_at_budgets(tiny_model, routed_model, allocation):
+    model = routed_model(tiny_model)
+    attach_thresholds_(model, "layer", allocation)
+    eng = DecodeEngine(model, 64)
+    ids = torch.randint(0, 96, (1, 11))
+    for b in (2.0, 3.0, 4.5, 5.25, 8.0):  # budgets on the engine's 1/8-bit grid: the same thresholds as the table
+        eng.set_budget(b)
+        ref, cache, tr = hf_step(model, ids, None, budget=b)
+        logits, counts = eng.prefill(ids[0])
+        slices, names, bits = eng.summarize(counts)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(slices, tr.matrix()[0])
+        assert names == tr.matrix()[1] and bits == pytest.approx(tr.realized_bits(), abs=1e-12)
+        for _ in range(3):  # teacher-forced decode steps against the HF DynamicCache
+            tok = int(torch.randint(0, 96, (1,)))
+            ref, cache, tr = hf_step(model, torch.tensor([[tok]]), cache, budget=b)
+            logits, counts = eng.decode(tok)
+            slices, _, bits = eng.summarize(counts[None])
+            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+            assert torch.equal(slices, tr.matrix()[0]) and bits == pytest.approx(tr.realized_bits(), abs=1e-12)
+
+
+def test_uniform_k_and_greedy_feedback(tiny_llama, routed_model):
+    model = routed_model(tiny_llama)
+    eng = DecodeEngine(model, 32)
+    eng.set_k(2)
+    ids = torch.randint(0, 96, (1, 5))
+    ref, cache, _ = hf_step(model, ids, None, k=2)
+    logits, counts = eng.prefill(ids[0])
+    assert (counts == 2).all()
+    for _ in range(4):  # decode() without a token continues from the greedy token of the last step
+        tok = int(logits.argmax())
+        ref, cache, _ = hf_step(model, torch.tensor([[tok]]), cache, k=2)
+        logits, _ = eng.decode()
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert int(eng.pos) == 9
+
+
+@pytest.mark.parametrize("mode,budget", [("router", 4.5), ("router", 3.0), ("uniform", 5.0), ("random", 3.5)])
+def test_engine_steps_equal_elastic_generate(tiny_llama, routed_model, mode, budget):
+    model = routed_model(tiny_llama)
+    model.config.eos_token_id = None
+    tok = WordTokenizer()
+    kw = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5)
+    ref = list(elastic_generate(model, tok, "w1 w2 w3", BudgetControl(budget, mode), **kw))
+    ids = torch.tensor([[1, 2, 3]])
+    eng = DecodeEngine(model, 32)
+    got = list(engine_steps(eng, tok, ids, BudgetControl(budget, mode), _precisions(model), kw["max_new_tokens"],
+                            kw["temperature"], kw["top_p"], kw["seed"], set()))
+    assert [s.token_id for s in got] == [s.token_id for s in ref]
+    for a, b in zip(got, ref):
+        assert (a.index, a.text, a.budget, a.mode, a.linears) == (b.index, b.text, b.budget, b.mode, b.linears)
+        assert torch.equal(a.slices, b.slices) and a.bits == pytest.approx(b.bits, abs=1e-12)
+        assert a.prob == pytest.approx(b.prob, abs=1e-5) and [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert not eng.lock.locked()
+
+
+def test_kernel_path_matches_dense_path(tiny_llama, routed_model):
+    pytest.importorskip("triton")
+    model = routed_model(tiny_llama).half().to(DEVICE)
+    ek = DecodeEngine(model, 16, use_kernels=True, capture=False)  # CPU: the kernels in the interpreter
+    ed = DecodeEngine(model, 16, use_kernels=False, capture=False)
+    ids = torch.randint(0, 96, (4,), device=DEVICE)
+    for e in (ek, ed):
+        e.set_k(3)
+    (l1, _), (l2, _) = ek.prefill(ids), ed.prefill(ids)
+    torch.testing.assert_close(l1, l2, atol=2e-3 * l2.abs().max().item(), rtol=0)
+    for e in (ek, ed):
+        e.set_budget(5.0)
+    (l1, c1), (l2, c2) = ek.decode(7), ed.decode(7)  # one token: the fused router kernel
+    assert (c1 == c2).float().mean() > 0.9  # fp16 activations: a score next to τ may fall either side
+    assert torch.isfinite(l1).all()
+
+
+def test_unrouted_model_and_errors(tiny_llama):
+    from mobiquant import MoBiQuantConfig, MoBiQuantError, quantize_
+
+    quantize_(tiny_llama, MoBiQuantConfig(group_size=32))
+    eng = DecodeEngine(tiny_llama, 32)
+    eng.set_budget(6.0)  # a uniform budget: every linear at 3 slices
+    _, counts = eng.prefill(torch.tensor([1, 2, 3]))
+    assert (counts == 3).all()
+    with pytest.raises(MoBiQuantError, match="no router"):
+        eng.set_budget(5.0)
+    with pytest.raises(MoBiQuantError, match="outside"):
+        eng.set_budget(9.0)
+    with pytest.raises(MoBiQuantError, match="does not fit"):
+        eng.prefill(torch.zeros(40, dtype=torch.long))
+
+
+def test_fp16_engine_without_quantization(tiny_llama):
+    eng = DecodeEngine(tiny_llama, 32)
+    ids = torch.randint(0, 96, (1, 6))
+    ref, _, _ = hf_step(tiny_llama, ids, None)
+    logits, _ = eng.prefill(ids[0])
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert eng.n_linears == 0
+
+
+def test_supported_rejects_other_models(tiny_llama):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    assert "model type" in supported(transformers.GPT2LMHeadModel(cfg))
+    assert supported(tiny_llama) is None
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
+def _cuda_model(tiny_llama, routed_model):
+    model = routed_model(tiny_llama)
+    model.config.eos_token_id = None
+    return model.to("cuda", torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graph_matches_eager_and_budget_switch_needs_no_recapture(tiny_llama, routed_model):
+    model = _cuda_model(tiny_llama, routed_model)
+    eng = DecodeEngine(model, 64)  # captured
+    ref = DecodeEngine(model, 64, capture=False)
+    assert eng.graph is not None and eng.captures == 1 and eng.use_kernels
+    ids = torch.randint(0, 96, (7,), device="cuda")
+    for b in (2.0, 3.5, 6.0, 8.0):
+        for e in (eng, ref):
+            e.set_budget(b)
+        eng.prefill(ids)
+        ref.prefill(ids)
+        for _ in range(4):
+            (l1, c1), (l2, c2) = eng.decode(), ref.decode()
+            torch.testing.assert_close(l1, l2, atol=1e-3, rtol=1e-3)
+            assert torch.equal(c1, c2)
+        if b in (2.0, 8.0):
+            assert (c1 == (1 if b == 2.0 else 4)).all()
+    assert eng.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_step_never_synchronises(tiny_llama, routed_model):
+    model = _cuda_model(tiny_llama, routed_model)
+    eng = DecodeEngine(model, 64, capture=False)
+    eng.set_budget(4.0)
+    eng.prefill(torch.randint(0, 96, (5,), device="cuda"))
+    eng.decode()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.decode()  # the eager step that the graph captures: no host synchronisation anywhere in it
+        eng.set_budget(3.0)
+        eng.decode()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_elastic_generate_uses_the_engine(tiny_llama, routed_model):
+    model = _cuda_model(tiny_llama, routed_model)
+    control = BudgetControl(2.0)
+    seen = []
+    for step in elastic_generate(model, WordTokenizer(), "w5 w6", control, max_new_tokens=8):
+        seen.append((step.budget, step.slices.float().mean().item(), step.bits))
+        if step.index == 3:
+            control.budget = 8.0
+    assert model.__dict__["_mobiquant_engine"].captures == 1
+    assert [b for b, _, _ in seen] == [2.0] * 4 + [8.0] * 4
+    assert all(m == 1.0 and bits == 2.0 for _, m, bits in seen[:4])
+    assert all(m == 4.0 and bits == 8.0 for _, m, bits in seen[4:])
