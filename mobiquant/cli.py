@@ -7,6 +7,7 @@
     mobiquant calibrate [--model NAME] --out DIR [--calib self|FILE|dataset:NAME] [--samples N] [--seqlen L]
                    [--epochs E] [--fast] [--slice-bits ...] [--group-size G]
     mobiquant outliers --checkpoint DIR --text FILE [--linear NAME ...] [--tokens 512] [--budgets 4]
+    mobiquant app [--model NAME | --checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--slice-bits ...]
 
 User errors print one line (``mobiquant: error: ...``) and exit with status 2; no traceback.
 """
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     ou.add_argument("--tokens", type=int, default=512)
     ou.add_argument("--budgets", type=_floats, default=[], help="routed budgets to include, e.g. 3,4")
     ou.add_argument("--json", default=None)
+
+    ap = sub.add_parser("app", help="the playground (Gradio): live bit budget, slice-coloured tokens, outliers")
+    ap.add_argument("--model", default="default", help="calibrated with --fast on first run, then cached")
+    ap.add_argument("--checkpoint", default=None, help="a calibrated checkpoint directory (instead of --model)")
+    ap.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="server-side cap per request")
+    ap.add_argument("--concurrency", type=int, default=2, help="generations running at once")
+    _add_quant_args(ap)
     return parser
 
 
@@ -217,10 +228,30 @@ def cmd_outliers(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    import torch
+
+    try:
+        from .app import Limits, load_served, serve
+    except ImportError as e:  # gradio / plotly are the [app] extra
+        raise MoBiQuantError(f"the playground needs the app extra: pip install 'mobiquant[app]' ({e})") from e
+    if not 1 <= args.port <= 65535:
+        raise MoBiQuantError(f"--port must be 1..65535, got {args.port}")
+    if args.max_new_tokens < 1 or args.concurrency < 1:
+        raise MoBiQuantError("--max-new-tokens and --concurrency must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    served = load_served(args.model, args.checkpoint, _config(args), device=device)
+    limits = Limits(max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
+    print(f"mobiquant app: serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+    serve(served, args.host, args.port, limits)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"eval": cmd_eval, "quantize": cmd_quantize, "calibrate": cmd_calibrate, "outliers": cmd_outliers}
+        commands = {"eval": cmd_eval, "quantize": cmd_quantize, "calibrate": cmd_calibrate, "outliers": cmd_outliers,
+                    "app": cmd_app}
         return commands[args.command](args)
     except MoBiQuantError as e:
         print(f"mobiquant: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ table holds no state that depends on who is calling.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -41,13 +42,18 @@ _CACHE_LIMIT = 512
 def band_scores(scores: torch.Tensor, slice_bits, bits: float) -> torch.Tensor:
     """Restrict nested routing to the two uniform precisions around ``bits``: residual slices up to k_lo always on
     (+inf), slice k_hi on by its own score, slices above never (-inf). nested_counts of the result is k_lo or k_hi."""
-    B = torch.tensor(slice_bits).cumsum(0).tolist()
-    k_hi = next((k for k, b in enumerate(B, start=1) if b >= bits - 1e-9), len(B))
+    k_hi = _band_top(slice_bits, bits)
     out = torch.full_like(scores, float("-inf"))
     out[..., : k_hi - 2 if k_hi >= 2 else 0] = float("inf")  # residual index e-2 holds slice e
     if k_hi >= 2:
         out[..., k_hi - 2] = scores[..., k_hi - 2]
     return out
+
+
+def _band_top(slice_bits, bits: float) -> int:
+    """k_hi: the fewest slices whose precision B_k reaches ``bits``."""
+    B = list(itertools.accumulate(slice_bits))
+    return next((k for k, b in enumerate(B, start=1) if b >= bits - 1e-9), len(B))
 
 
 class ThresholdTable:
@@ -78,6 +84,11 @@ class ThresholdTable:
     def counts(self, name: str, scores: torch.Tensor, bits: float, stream: dict | None = None) -> torch.Tensor:
         """(..., E-1) router scores -> (...) slice counts at ``bits``."""
         m = self.linears[name]
+        if self.allocation == "band" and self.mode != "adaptive":  # = nested_counts(band_scores(...), τ), cheaper
+            k_hi = _band_top(m.slice_bits, bits)
+            if k_hi == 1:
+                return torch.ones(scores.shape[:-1], dtype=torch.long, device=scores.device)
+            return (k_hi - 1) + (scores[..., k_hi - 2] > self.tau(name, bits)).long()
         if self.allocation == "band":
             scores = band_scores(scores, m.slice_bits, bits)
         if self.mode != "adaptive":

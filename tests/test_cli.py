@@ -111,3 +111,17 @@ def test_calibrate_bad_inputs(capsys, tiny_dir, tmp_path):
     assert code == 2 and "no such calibration text file" in err
     code, _, err = run(capsys, "calibrate", "--model", tiny_dir, "--out", tmp_path / "x", "--samples", "0")
     assert code == 2 and "must be >= 1" in err
+
+
+def test_app_refuses_bad_checkpoints_with_one_line(capsys, tiny_dir, tmp_path):
+    """`mobiquant app` on a missing directory, and on a checkpoint without routers: clear errors, no server."""
+    pytest.importorskip("gradio")
+    assert main(["app", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    ckpt = tmp_path / "plain"
+    assert main(["quantize", "--model", str(tiny_dir), "--out", str(ckpt), "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["app", "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "no routers" in err and "mobiquant calibrate" in err
+    assert main(["app", "--checkpoint", str(ckpt), "--port", "70000"]) == 2

@@ -110,3 +110,25 @@ def test_band_allocation_uses_the_two_precisions_around_the_budget(tiny_llama, r
         used = set(torch.cat([c for calls in tr.counts.values() for c in calls]).unique().tolist())
         assert used <= allowed, (b, used)
         assert abs(tr.realized_bits() - b) < 0.15
+
+
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1)])
+def test_band_fast_path_equals_nested_counts_of_band_scores(slice_bits):
+    """The layer-mode band shortcut gives exactly nested_counts(band_scores(s), τ) at every budget."""
+    from mobiquant.nn.router import nested_counts
+    from mobiquant.route import band_scores
+
+    class L:  # the attributes ThresholdTable reads
+        def __init__(self):
+            self.slice_bits, self.in_features, self.out_features = slice_bits, 8, 8
+            self.router = type("R", (), {"calib_scores": torch.randn(300, len(slice_bits) - 1),
+                                         "threshold": lambda self, b: None})()
+
+    table = ThresholdTable({"a": L()}, "layer", "band")
+    scores = torch.randn(4, 50, len(slice_bits) - 1)
+    B = list(torch.tensor(slice_bits).cumsum(0).tolist())
+    for bits in [B[0], B[0] + 0.3, (B[0] + B[1]) / 2, B[1], B[-1] - 0.25, B[-1]]:
+        fast = table.counts("a", scores, bits)
+        slow = nested_counts(band_scores(scores, slice_bits, bits), table.tau("a", bits))
+        assert torch.equal(fast, slow), bits
+        assert fast.min() >= 1 and fast.max() <= len(slice_bits)
