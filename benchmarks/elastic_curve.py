@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -65,11 +66,15 @@ def plot(rows: list[dict], out_html: Path, out_png: Path) -> None:
         fig.add_trace(go.Scatter(x=[r["bits_realized"] for r in group], y=[r["ppl"] for r in group],
                                  mode="lines+markers", name=f"{method} ({sb})"))
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
-    if fp:
-        fig.add_hline(y=fp, line_dash="dot", annotation_text=f"full precision {fp:.2f}")
+    if fp:  # a trace, not add_hline: its annotation would be placed in log units on a log axis
+        bits = [r["bits_realized"] for r in rows if r["method"] != "fp"]
+        fig.add_trace(go.Scatter(x=[min(bits), max(bits)], y=[fp, fp], mode="lines", name=f"full precision {fp:.2f}",
+                                 line=dict(dash="dot", color="black")))
     fig.update_layout(title="SmolLM2-135M, WikiText-2: perplexity vs realized bits (one calibration per slice list)",
                       xaxis_title="realized average bits per weight", yaxis_title="perplexity (log)",
                       yaxis_type="log", template="plotly_white", width=900, height=560)
+    ppl = [r["ppl"] for r in rows if math.isfinite(r["ppl"])]
+    fig.update_yaxes(range=[math.log10(min(ppl) * 0.9), math.log10(min(max(ppl), 1e4) * 1.1)])
     fig.write_html(out_html, include_plotlyjs="cdn")
     try:
         fig.write_image(out_png)
