@@ -34,7 +34,7 @@ from .session import Limits, Run, Sessions, check_count, check_mode, check_promp
 
 log = logging.getLogger("mobiquant.app")
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the repo's assets/, or mobiquant/assets in a wheel
-PLOT_EVERY_S = 1.0  # plots are resent at most this often while streaming (text and metrics every token)
+PLOT_EVERY_S = 2.0  # plots are resent at most this often while streaming (text and metrics every token)
 ALL_LAYERS = "all layers"
 
 
@@ -101,12 +101,17 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
         run.view = view
         steps = elastic_generate(model, tok, prompt, run.control, max_new, temperature=temperature if sampling else 0,
                                  top_p=top_p, seed=seed, max_prompt_tokens=limits.max_prompt_tokens)
-        last_plot = 0.0
+        last_plot, spans, spans_view = 0.0, [], run.view
         try:
             for step in steps:
                 run.steps.append(step)
                 metrics = run.meter.update(step)
-                text = views.tokens_html(run.steps, precisions, *run.view)
+                if run.view != spans_view:  # recoloured meanwhile: render every token again, once
+                    spans, spans_view = [], run.view
+                for i in range(len(spans), len(run.steps)):  # each token is rendered once
+                    spans.append(views.token_span(run.steps[i], run.steps[i - 1] if i else None, precisions,
+                                                  *spans_view))
+                text = views.text_html(spans)
                 now = time.perf_counter()
                 if now - last_plot >= PLOT_EVERY_S:
                     last_plot = now

@@ -11,11 +11,13 @@ layer / one linear), so a colour between two legend swatches means the layers di
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections.abc import Sequence
 
 import plotly.graph_objects as go
+import torch
 from plotly.colors import sample_colorscale
 
 ALL = "all"
@@ -26,10 +28,15 @@ _LAYOUT = dict(template="plotly_white", paper_bgcolor="rgba(0,0,0,0)", plot_bgco
 
 
 # ------------------------------------------------------------------------------------------------ colours
+@functools.cache
+def _palette(n: int = 256) -> list[str]:
+    return sample_colorscale(COLORSCALE, [i / (n - 1) for i in range(n)])
+
+
 def slice_color(level: float, num_slices: int) -> str:
-    """'rgb(r, g, b)' for a (mean) slice count in [1, E] on the Viridis scale."""
+    """'rgb(r, g, b)' for a (mean) slice count in [1, E] on the Viridis scale (256 steps)."""
     t = 0.0 if num_slices <= 1 else min(max((level - 1) / (num_slices - 1), 0.0), 1.0)
-    return sample_colorscale(COLORSCALE, [t])[0]
+    return _palette()[round(t * 255)]
 
 
 def text_color(background: str) -> str:
@@ -70,21 +77,30 @@ def tokens_html(steps: Sequence, precisions: Sequence[int], layer: int | None = 
                 mark: int | None = None) -> str:
     """The generated text, one coloured span per token with its details on hover; a marker where the budget changed
     (``⇢ 3 b``); ``mark``: index of a token to outline (the compare view's first divergence)."""
-    E = len(precisions)
-    parts, last_budget = [], None
-    for step in steps:
-        if last_budget is not None and step.budget != last_budget:
-            parts.append(f'<span class="mq-switch" title="budget {last_budget:g} → {step.budget:g} bits from token '
-                         f'{step.index}">⇢ {step.budget:g} b</span>')
-        last_budget = step.budget
-        level = selection_level(step, layer, linear)
-        bg = slice_color(level, E)
-        cls = "mq-tok mq-diverge" if mark == step.index else "mq-tok"
-        parts.append(f'<span class="{cls}" data-k="{level:.2f}" data-i="{step.index}" '
-                     f'style="background:{bg};color:{text_color(bg)}" title="{html.escape(_tooltip(step, level))}">'
-                     f"{html.escape(step.text) or '&#8203;'}</span>")
-    body = "".join(parts) if parts else '<span class="mq-empty">generated tokens appear here</span>'
+    parts = [token_span(step, steps[i - 1] if i else None, precisions, layer, linear, mark)
+             for i, step in enumerate(steps)]
+    return text_html(parts)
+
+
+def text_html(spans: Sequence[str]) -> str:
+    """The text box around already rendered ``token_span``s (the app renders each token once)."""
+    body = "".join(spans) if spans else '<span class="mq-empty">generated tokens appear here</span>'
     return f'<div class="mq-text" data-testid="mq-text">{body}</div>'
+
+
+def token_span(step, previous, precisions: Sequence[int], layer: int | None = None, linear: str | None = None,
+               mark: int | None = None) -> str:
+    """One token's coloured span, preceded by a switch marker when its budget differs from ``previous``'s."""
+    switch = ""
+    if previous is not None and step.budget != previous.budget:
+        switch = (f'<span class="mq-switch" title="budget {previous.budget:g} → {step.budget:g} bits from token '
+                  f'{step.index}">⇢ {step.budget:g} b</span>')
+    level = selection_level(step, layer, linear)
+    bg = slice_color(level, len(precisions))
+    cls = "mq-tok mq-diverge" if mark == step.index else "mq-tok"
+    return (f'{switch}<span class="{cls}" data-k="{level:.2f}" data-i="{step.index}" '
+            f'style="background:{bg};color:{text_color(bg)}" title="{html.escape(_tooltip(step, level))}">'
+            f"{html.escape(step.text) or '&#8203;'}</span>")
 
 
 def trace_rows(steps: Sequence, layer: int | None = None, linear: str | None = None) -> list[dict]:
@@ -98,8 +114,10 @@ def heatmap_figure(steps: Sequence, precisions: Sequence[int], linear: str | Non
     """Layers x tokens: slice count per layer (mean over linears, or one linear) for every generated token."""
     fig = go.Figure()
     if steps:
-        cols = slice(None) if linear in (None, ALL) else [steps[0].linears.index(linear)]
-        z = [[float(s.slices[layer, cols].float().mean()) for s in steps] for layer in range(steps[0].slices.shape[0])]
+        S = torch.stack([s.slices for s in steps]).float()  # (tokens, layers, linears)
+        if linear not in (None, ALL):
+            S = S[:, :, steps[0].linears.index(linear)][..., None]
+        z = S.mean(-1).T.tolist()  # (layers, tokens)
         fig.add_trace(go.Heatmap(
             z=z, x=list(range(len(steps))), colorscale=COLORSCALE, zmin=1, zmax=len(precisions),
             customdata=[[s.text for s in steps]] * len(z),
