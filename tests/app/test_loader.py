@@ -1,13 +1,12 @@
-"""load_served: first run calibrates (--fast) and caches, the next run reuses the cache; bad checkpoints fail clearly."""
+"""load_served: the first run calibrates (--fast) and caches, the next reuses it; bad checkpoints fail clearly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mobiquant import MoBiQuantConfig, MoBiQuantError, quantized_linears
-
 from app.loader import app_cache_dir, load_served
+from mobiquant import MoBiQuantConfig, MoBiQuantError, quantized_linears
 
 
 def test_first_run_calibrates_and_caches_then_reuses(tiny_dir):
