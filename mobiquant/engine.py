@@ -482,7 +482,7 @@ def engine_for(model, needed_len: int) -> DecodeEngine | None:
 def engine_steps(eng: DecodeEngine, tokenizer, ids: torch.Tensor, control, precisions, max_new_tokens: int,
                  temperature: float, top_p: float, seed: int, eos: set):
     """elastic_generate's loop on the engine: the same TokenStep per token (see generate.py). Holds eng.lock."""
-    from .generate import TokenStep, _sample, _step_precision
+    from .generate import TokenStep, _step_precision, next_token
     from .route import random_counts
 
     if not eng.lock.acquire(blocking=False):
@@ -515,16 +515,11 @@ def engine_steps(eng: DecodeEngine, tokenizer, ids: torch.Tensor, control, preci
                 else:
                     logits, counts = eng.decode(generated[-1])
                 logits, counts = logits.cpu(), counts.cpu()  # the step's one synchronisation
-                tok = _sample(logits, temperature, top_p, gen)
-                probs = torch.softmax(logits, dim=-1)
-                top_p_vals, top_ids = probs.topk(5)
-                generated.append(tok)
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                piece, text_so_far = text[len(text_so_far):], text
+                tok, piece, text_so_far, prob, top = next_token(logits, tokenizer, generated, text_so_far,
+                                                                temperature, top_p, gen)
                 slices, names, bits = eng.summarize(counts)
                 yield TokenStep(i, tok, piece, budget, control.mode, bits, slices, names,
-                                time.perf_counter() - t0, float(probs[tok]),
-                                [(tokenizer.decode([int(t)]), float(p)) for t, p in zip(top_ids, top_p_vals)])
+                                time.perf_counter() - t0, prob, top)
                 if tok in eos:
                     return
         finally:

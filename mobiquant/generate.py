@@ -78,6 +78,20 @@ def _step_precision(precisions: list[int], control: BudgetControl, seed: int):
     return budget, dict(budget=budget, mode=control.mode, seed=seed)
 
 
+def next_token(logits: torch.Tensor, tokenizer, generated: list[int], text_so_far: str, temperature: float,
+               top_p: float, gen: torch.Generator) -> tuple[int, str, str, float, list[tuple[str, float]]]:
+    """Pick the next token from (vocab,) logits and append it to ``generated``: (token, the text it adds, the whole
+    text, its probability, the 5 most likely tokens). Shared by the eager loop and the decode engine."""
+    logits = logits.float()
+    tok = _sample(logits, temperature, top_p, gen)
+    probs = torch.softmax(logits, dim=-1)
+    top_p_vals, top_ids = probs.topk(5)
+    generated.append(tok)
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    top = [(tokenizer.decode([int(t)]), float(p)) for t, p in zip(top_ids, top_p_vals)]
+    return tok, text[len(text_so_far):], text, float(probs[tok]), top
+
+
 def _encode(tokenizer, prompt: str | torch.Tensor, chat: bool) -> torch.Tensor:
     if isinstance(prompt, torch.Tensor):
         return prompt.reshape(1, -1).long()
@@ -139,17 +153,11 @@ def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: Budg
         with precision(trace=trace, **kw, **({"stream": stream} if "budget" in kw else {})):
             out = model(input_ids=inp, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        logits = out.logits[0, -1].float()
-        tok = _sample(logits, temperature, top_p, gen)
-        probs = torch.softmax(logits, dim=-1)
-        top_p_vals, top_ids = probs.topk(5)
-        generated.append(tok)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        piece, text_so_far = text[len(text_so_far):], text
+        tok, piece, text_so_far, prob, top = next_token(out.logits[0, -1], tokenizer, generated, text_so_far,
+                                                        temperature, top_p, gen)
         slices, names = trace.matrix()
         yield TokenStep(i, tok, piece, budget, control.mode, trace.realized_bits(), slices, names,
-                        time.perf_counter() - t0, float(probs[tok]),
-                        [(tokenizer.decode([int(t)]), float(p)) for t, p in zip(top_ids, top_p_vals)])
+                        time.perf_counter() - t0, prob, top)
         if tok in eos:
             return
         inp = torch.tensor([[tok]], device=device)

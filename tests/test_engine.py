@@ -5,6 +5,7 @@ changes without recapture, no host synchronisation in a step, elastic_generate o
 
 import pytest
 import torch
+from word_tokenizer import WordTokenizer
 
 from mobiquant import RoutingTrace, precision
 from mobiquant.engine import DecodeEngine, engine_steps, supported
@@ -14,15 +15,6 @@ from mobiquant.route import attach_thresholds_
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class WordTokenizer:
-    eos_token_id = None
-    chat_template = None
-
-    def __call__(self, text):
-        return {"input_ids": [int(w[1:]) for w in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(f"w{int(i)}" for i in ids)
 
 
 def hf_step(model, ids, cache, **kw):

@@ -1,22 +1,10 @@
 import threading
 
 import pytest
+from word_tokenizer import WordTokenizer
 
 from mobiquant import MoBiQuantError
 from mobiquant.generate import BudgetControl, budget_range, elastic_generate
-
-
-class WordTokenizer:
-    """Enough of a tokenizer for generation tests on the tiny model: ids <-> 'w<id>' words."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def __call__(self, text):
-        return {"input_ids": [int(w[1:]) for w in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(f"w{int(i)}" for i in ids)
 
 
 @pytest.fixture
