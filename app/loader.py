@@ -4,7 +4,8 @@
     served = load_served(model="default")                      # first run: calibrate (progress bar), cache, serve
                                                                # later runs: the cached checkpoint, in seconds
 
-Decoding uses the per-layer thresholds (a table lookup per token). A checkpoint calibrated with the "adaptive"
+On the CPU the dense weights of every precision are built at start-up (about 405 MiB per precision for the
+embedded model): the slider then switches precision without a pause. Decoding uses the per-layer thresholds (a table lookup per token). A checkpoint calibrated with the "adaptive"
 threshold mode keeps its table for evaluation; the playground switches it to "layer" because the adaptive mode
 re-sorts every linear's score history at every token, which a 2-core CPU cannot afford while streaming.
 
@@ -28,10 +29,13 @@ from mobiquant.calibrate.data import cache_dir
 
 
 def _for_decoding(model):
+    from mobiquant import set_dense_cache_
     from mobiquant.route import attach_thresholds_
 
     if getattr(model, "mobiquant_thresholds", "layer") == "adaptive":
         attach_thresholds_(model, "layer", getattr(model, "mobiquant_allocation", "band"))
+    if next(model.parameters()).device.type == "cpu":  # every precision ready before the first request
+        set_dense_cache_(model, True, build=True)
     return model
 
 

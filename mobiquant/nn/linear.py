@@ -291,10 +291,18 @@ class MoBiQuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-def set_dense_cache_(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turn the per-precision dense weight cache of every MoBiQuantLinear on or off (off frees it)."""
+def set_dense_cache_(model: nn.Module, enabled: bool, *, build: bool = False,
+                     dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn the per-precision dense weight cache of every MoBiQuantLinear on or off (off frees it). ``build=True``
+    fills it now for every precision (in ``dtype``, default the model's floating dtype), so that the first token at a
+    new budget does not pay for unpacking a whole model's weights (an interactive server wants this)."""
+    float_params = [p for p in model.parameters() if p.is_floating_point()]
+    dtype = dtype or (float_params[0].dtype if float_params else torch.float32)
     for m in model.modules():
         if isinstance(m, MoBiQuantLinear):
             m.dense_cache = enabled
             m._clear_caches()
+            if enabled and build:
+                for k in range(1, m.num_slices + 1):
+                    m._dense_weight(k, dtype, m.plane_1.device)
     return model

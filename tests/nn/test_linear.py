@@ -97,3 +97,17 @@ def test_cache_is_built_on_use_and_dropped_on_move():
 def test_group_must_divide():
     with pytest.raises(MoBiQuantError, match="does not divide"):
         MoBiQuantLinear(100, 8, (2, 2), 64)
+
+
+def test_set_dense_cache_build_fills_every_precision(tiny_llama):
+    """build=True makes every precision's dense weight now, equal to weight_k; off frees them all."""
+    from mobiquant import quantize_, quantized_linears, set_dense_cache_
+
+    quantize_(tiny_llama, MoBiQuantConfig(group_size=32))
+    set_dense_cache_(tiny_llama, True, build=True)
+    for m in quantized_linears(tiny_llama).values():
+        assert m.dense_cache_bytes() == m.num_slices * m.in_features * m.out_features * 4
+        for k in range(1, m.num_slices + 1):
+            assert torch.equal(m._dense[(k, torch.float32, torch.device("cpu"))], m.weight_k(k))
+    set_dense_cache_(tiny_llama, False)
+    assert all(m.dense_cache_bytes() == 0 for m in quantized_linears(tiny_llama).values())
