@@ -224,6 +224,7 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
 
     # ------------------------------------------------------------------ layout
     mid = round(((low + high) / 2) * 4) / 4
+    examples = _examples() or ["Explain in three sentences why the sky is blue."]  # read once
     title = f"{getattr(model.config, 'mobiquant_source', None) or model.config.name_or_path}"
     with gr.Blocks(title="mobiquant playground", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -236,12 +237,11 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=3):
                     prompt = gr.Textbox(label="Prompt", lines=3, max_length=limits.max_prompt_chars,
-                                        value=(_examples() or ["Explain quantization to a child."])[0])
+                                        value=examples[0])
                     with gr.Row():
                         go_btn = gr.Button("Generate", variant="primary", elem_id="mq-generate")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="mq-stop")
-                    if _examples():
-                        gr.Examples([[p] for p in _examples()], inputs=[prompt], label="Examples")
+                    gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples")
                     with gr.Accordion("Sampling", open=False):
                         max_new = gr.Slider(1, limits.max_new_tokens, value=min(96, limits.max_new_tokens), step=1,
                                             label="Max new tokens")
@@ -283,7 +283,7 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
         with gr.Tab("Compare"):
             gr.Markdown("The same prompt and seed at two budgets, side by side; the first differing token is outlined.")
             with gr.Row():
-                cmp_prompt = gr.Textbox((_examples() or ["Tell me about owls."])[0], label="Prompt", scale=3)
+                cmp_prompt = gr.Textbox(examples[0], label="Prompt", scale=3)
                 with gr.Column(scale=2):
                     cmp_a = gr.Slider(low, high, value=low + 1 if low + 1 <= high else low, step=0.25, label="Budget A")
                     cmp_b = gr.Slider(low, high, value=high, step=0.25, label="Budget B")

@@ -7,8 +7,8 @@
 On the CPU the dense weights of every precision are built at start-up (about 405 MiB per precision for the
 embedded model): the slider then switches precision without a pause. Decoding uses the per-layer thresholds (a
 table lookup per token). A checkpoint calibrated with the "adaptive" threshold mode keeps its table for evaluation;
-the playground switches it to "layer" because the adaptive mode
-re-sorts every linear's score history at every token, which a 2-core CPU cannot afford while streaming.
+the playground switches it to "layer" because the adaptive mode re-sorts every linear's score history at every
+token, which a 2-core CPU cannot afford while streaming.
 
 The cache lives in ``$MOBIQUANT_CACHE/app`` (default ``~/.cache/mobiquant/app``), one directory per model, slice list
 and group size; delete it to recalibrate. The outlier view compares against the full-precision weights: kept from the
