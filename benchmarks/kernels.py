@@ -4,6 +4,9 @@
     python benchmarks/kernels.py --layers 4 --quick                 # smoke: fewer layers, fewer variants
     python benchmarks/kernels.py --tune --out kernels/configs/h100.json   # sweep launch configs per shape
     python benchmarks/kernels.py --profile-one                      # one launch per k, for ncu instruction counts
+    python benchmarks/kernels.py --sweep-cc --layers 4              # v7: checks, config sweep, 4-layer stack v5/v7
+    ncu -k regex:cc_kernel python benchmarks/kernels.py --profile-cc   # v7 gate-shaped launches at k=1 and k=4
+(on the device, run python with -P: this file's name shadows a module that transformers probes)
 
 Stack: 32 layers x (q 4096x4096, k 1024x4096, v 1024x4096, o 4096x4096, gate 14336x4096, up 14336x4096,
 down 4096x14336), random weights quantized by the library (mobiquant.quant.slices, group 128, slices 2/2/2/2),
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 from mobiquant.kernels import pack_slices, sliced_gemm, sliced_gemv
 from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
+from mobiquant.kernels.sliced_gemv_cc import sliced_gemv_cc
 
 from mobiquant.quant import packing, slices
 
@@ -155,6 +159,15 @@ def run_checks(layers, results):
                                               norm_rel=rel, finite=fin, ok=ok))
                 if not ok:
                     log(f"FAIL gemv {name} {dtype} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
+            if dtype == torch.float16:  # v7 (CUDA cores, fp16 only): batch 1 every k, 4 tokens mixed
+                for M, kv in [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]:
+                    mx, rel, fin = check(p, M, kv, dtype, fn=sliced_gemv_cc)
+                    worst = max(worst, rel)
+                    ok = fin and mx < 2e-3
+                    results["checks"].append(dict(kernel="gemv_cc", shape=name, dtype=str(dtype), M=M, k=kv,
+                                                  max_rel=mx, norm_rel=rel, finite=fin, ok=ok))
+                    if not ok:
+                        log(f"FAIL gemv_cc {name} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
             M = 300
             mx, rel, fin = check(p, M, mixed_k(M, 2), dtype, fn=sliced_gemm)
             ok = fin and mx < (2e-3 if dtype == torch.float16 else 1.6e-2)
@@ -212,6 +225,15 @@ def decode_stack(layers, results, batches, bw, quick=False):
             rows.append(dict(kernel="sliced_gemv", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms, bytes=b,
                              pct_copy_bw=100 * b / (ms * 1e-3) / bw))
             log(f"   M={M:2d} sliced k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+            if M == 1:  # v7, the kernel dispatch uses at batch 1 (tuned configs in kernels/configs/h100.json)
+                def run_cc():
+                    for L in layers:
+                        for name, (N, K) in SHAPES.items():
+                            sliced_gemv_cc(xin[K], L[name]["ours"], k, out=outs[name])
+                ms = time_graph(run_cc)
+                rows.append(dict(kernel="sliced_gemv_cc", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms,
+                                 bytes=b, pct_copy_bw=100 * b / (ms * 1e-3) / bw))
+                log(f"   M={M:2d} v7 cc  k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
 
 
 def prefill(layers, results, M=2048, n_layers=2):
@@ -256,7 +278,7 @@ def tune(layer, out_path, batches=(1, 4, 16)):
             k = torch.tensor([2] * M, dtype=torch.int32, device="cuda")
             best = None
             for cfg in gemv_cfgs():
-                if cfg["SPLIT_K"] > K // GROUP // 2:
+                if cfg["SPLIT_K"] * cfg["GPI"] > K // GROUP:
                     continue
                 try:
                     ms = time_graph(lambda: sliced_gemv(x, p, k, out=y, config=cfg), reps=5, inner=20)
@@ -316,6 +338,139 @@ def sweep(layer):
                     f"(copy floor {floor_us:5.1f} us, {100 * floor_us / us:4.1f} %)")
 
 
+def sweep_cc(layer, out_path):
+    """v7 (CUDA-core GEMV): correctness on the LLaMA shapes, then per shape and k a launch-config sweep at batch 1
+    against v5's tuned config, then a small stack (n_layers) with the best configs. Writes the table as JSON."""
+    res = dict(checks=[], shapes=[], stack=[])
+    log("== v7 correctness (batch 1 and 4, every k, large-magnitude x)")
+    for name in ("q", "k", "gate", "down"):
+        p = layer[name]["ours"]
+        for M, kv, xs in [(1, [1], 1), (1, [2], 1), (1, [3], 1), (1, [4], 1), (4, [3, 1, 4, 2], 1),
+                          (4, [1, 2, 3, 4], 1000.0)]:
+            N, K = p.out_features, p.in_features
+            x = (torch.randn(M, K, device="cuda") * xs).half()
+            k = torch.tensor(kv, dtype=torch.int32, device="cuda")
+            y = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+            sliced_gemv_cc(x, p, k, out=y)
+            torch.cuda.synchronize()
+            ref = sliced_gemv_ref(x.float(), p, k).float()
+            err = y.float() - ref
+            mx, rel, fin = (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item(), \
+                bool(torch.isfinite(y).all())
+            ok = fin and mx < 2e-3
+            res["checks"].append(dict(shape=name, M=M, k=kv, x_scale=xs, max_rel=mx, norm_rel=rel, ok=ok))
+            if not ok:
+                log(f"FAIL v7 {name} M={M} k={kv} xs={xs}: max {mx:.2e} norm {rel:.2e} finite {fin}")
+    # PDL: a chain of 6 dependent launches (each output is the next input) captured in a graph must equal the same
+    # chain run eagerly without PDL, bit for bit (the kernel is deterministic)
+    p = layer["q"]["ours"]
+    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, num_stages=1, PF=1)
+    kq = torch.tensor([2], dtype=torch.int32, device="cuda")
+    bufs = [torch.randn(1, 4096, device="cuda").half()] + [torch.empty(1, 4096, device="cuda").half() for _ in range(6)]
+    def chain(c):
+        for i in range(6):
+            sliced_gemv_cc(bufs[i], p, kq, out=bufs[i + 1], config=c)
+    chain(cfg)
+    ref_chain = bufs[-1].clone()
+    pcfg = dict(cfg, PDL=1)
+    chain(pcfg)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        chain(pcfg)
+    for b in bufs[1:]:
+        b.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    same = torch.equal(bufs[-1], ref_chain)
+    res["checks"].append(dict(shape="q chain x6, PDL in a graph", M=1, k=[2], x_scale=1, max_rel=0.0 if same else 1.0,
+                              norm_rel=0.0, ok=same))
+    log(f"   PDL chain of 6 in a CUDA graph bitwise equal to the eager chain: {same}")
+    nf = sum(not c["ok"] for c in res["checks"])
+    log(f"   {len(res['checks'])} checks, {nf} failed, worst max-rel {max(c['max_rel'] for c in res['checks']):.2e}")
+    cfgs = [dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=nw, num_stages=1, PF=1, maxnreg=mr)
+            for (bn, nw, mr, sks) in ((128, 4, 0, (4, 8, 16)), (128, 4, 80, (4, 8, 16)), (64, 2, 0, (8, 16)),
+                                      (64, 2, 64, (8, 16)))
+            for sk in sks]
+    best = {}
+    log("== v7 sweep, batch 1 (us per linear; copy floor at 3.0 TB/s)")
+    for name in ("q", "k", "gate", "down"):
+        N, K = SHAPES[name]
+        p = layer[name]["ours"]
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        tot = {}
+        for kk in (1, 2, 4):
+            k = torch.tensor([kk], dtype=torch.int32, device="cuda")
+            floor_us = p.nbytes(kk) / 3.0e12 * 1e6
+            v5 = 1e3 * time_graph(lambda: sliced_gemv(x, p, k, out=y), reps=5, inner=20)
+            row = dict(shape=name, k=kk, floor_us=floor_us, v5_us=v5, v7={})
+            for i, cfg in enumerate(cfgs):
+                if cfg["SPLIT_K"] * cfg["GPI"] > K // GROUP:
+                    continue
+                try:
+                    us = 1e3 * time_graph(lambda: sliced_gemv_cc(x, p, k, out=y, config=cfg), reps=5, inner=20)
+                except Exception as e:  # noqa: BLE001
+                    log(f"   skip {cfg}: {type(e).__name__} {e}")
+                    continue
+                row["v7"][i] = us
+                tot[i] = tot.get(i, 0.0) + us
+            bi = min(row["v7"], key=row["v7"].get)
+            log(f"   {name:5s} k={kk} floor {floor_us:6.1f}  v5 {v5:6.1f}  v7 best {row['v7'][bi]:6.1f} "
+                f"({100 * floor_us / row['v7'][bi]:4.1f} % of floor) {cfgs[bi]}")
+            res["shapes"].append(row)
+        bi = min(tot, key=tot.get)
+        best[name] = cfgs[bi]
+        log(f"   {name}: best over k=1,2,4: {cfgs[bi]}  " + "  ".join(
+            f"{i}:{t:.1f}" for i, t in sorted(tot.items(), key=lambda a: a[1])[:5]))
+    best["v"], best["up"], best["o"] = best["k"], best["gate"], best["q"]
+    res["best"] = {n: best[n] for n in SHAPES}
+    log(f"== stack of {len(_STACK)} layers, batch 1, CUDA graph")
+    for M in (1,):
+        xin = {K: torch.randn(M, K, device="cuda", dtype=torch.float16) for K in (4096, 14336)}
+        outs = {name: torch.empty(M, N, device="cuda", dtype=torch.float16) for name, (N, K) in SHAPES.items()}
+        for kk in (1, 2, 4):
+            k = torch.full((M,), kk, dtype=torch.int32, device="cuda")
+            def r5():
+                for L in _STACK:
+                    for name in SHAPES:
+                        sliced_gemv(xin[SHAPES[name][1]], L[name]["ours"], k, out=outs[name])
+            def r7():
+                for L in _STACK:
+                    for name in SHAPES:
+                        sliced_gemv_cc(xin[SHAPES[name][1]], L[name]["ours"], k, out=outs[name], config=best[name])
+            def r7p():
+                for L in _STACK:
+                    for name in SHAPES:
+                        sliced_gemv_cc(xin[SHAPES[name][1]], L[name]["ours"], k, out=outs[name],
+                                       config=dict(best[name], PDL=1))
+            t5, t7, t7p = time_graph(r5), time_graph(r7), time_graph(r7p)
+            y7 = outs["down"].clone()
+            r5()
+            torch.cuda.synchronize()
+            same = (y7 - outs["down"]).abs().max().item() / outs["down"].abs().max().item()
+            b = stack_bytes("ours", kk) * len(_STACK)
+            res["stack"].append(dict(M=M, k=kk, v5_ms=t5, v7_ms=t7, v7_pdl_ms=t7p, bytes=b, v7_vs_v5_maxrel=same))
+            log(f"   M={M} k={kk}: v5 {t5:7.3f} ms  v7 {t7:7.3f} ms  v7+PDL {t7p:7.3f} ms  (copy floor at 3.0 TB/s "
+                f"{b / 3e12 * 1e3:6.3f} ms; last down output v7+PDL vs v5 max rel {same:.1e})")
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    log(f"wrote {out_path}")
+
+
+_STACK: list = []
+
+
+def profile_cc():
+    """v7: one gate-shaped launch at k=1 and k=4 (batch 1), after a warm-up, for ncu."""
+    W = torch.randn(14336, 4096, device="cuda", dtype=torch.float16) * 0.02
+    p = quantize_layer(W)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=4, num_warps=4, num_stages=1, PF=1)
+    for kk in (1, 4, 1, 4):
+        k = torch.tensor([kk], dtype=torch.int32, device="cuda")
+        sliced_gemv_cc(x, p, k, config=cfg)
+    torch.cuda.synchronize()
+
+
 def profile_one():
     """One gate-shaped launch per k (batch 1), for `ncu --metrics smsp__sass_thread_inst_executed.sum ...`."""
     W = torch.randn(14336, 4096, device="cuda", dtype=torch.float16) * 0.02
@@ -362,14 +517,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--profile-one", action="store_true")
+    ap.add_argument("--profile-cc", action="store_true")
     ap.add_argument("--no-int4", action="store_true")
     ap.add_argument("--dump-asm", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-cc", action="store_true", help="v7 correctness + config sweep + small stack")
     ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
     ap.add_argument("--batches", default="1,4,16")
     a = ap.parse_args()
     if a.profile_one:
         return profile_one()
+    if a.profile_cc:
+        return profile_cc()
     if a.dump_asm:
         return dump_asm(a.dump_asm)
     torch.manual_seed(0)
@@ -384,13 +543,14 @@ def main():
     results["copy_bw_GBps"] = bw / 1e9
     log(f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
     n = 1 if (a.tune or a.sweep) else a.layers
+    slim = a.tune or a.sweep or a.sweep_cc
     layers = []
     for i in range(n):
         L = {}
         for name, (N, K) in SHAPES.items():
             W = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
             L[name] = {"ours": quantize_layer(W)}
-            if not (a.tune or a.sweep):
+            if not slim:
                 L[name]["fp16"] = W
                 if not a.no_int4:
                     try:
@@ -406,20 +566,25 @@ def main():
         return tune(layers[0], a.out)
     if a.sweep:
         return sweep(layers[0])
+    if a.sweep_cc:
+        _STACK.extend(layers)
+        return sweep_cc(layers[0], a.out)
     ok = run_checks(layers, results)
     if not ok:
         log("correctness checks failed: timings below are of a wrong kernel")
     results["checks_ok"] = ok
     decode_stack(layers, results, [int(b) for b in a.batches.split(",")], bw, quick=a.quick)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))  # kept if prefill does not finish
     prefill(layers, results)
     bw_ms = {k: stack_bytes("ours", k) * a.layers / bw * 1e3 for k in (1, 2, 3, 4)}  # whole stack at copy speed
     results["copy_floor_ms"] = bw_ms
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1))
     log(f"wrote {a.out}")
-    log("\nkernel          M  k                 ms   %copyBW")
+    log("\nkernel           M  k                 ms   %copyBW")
     for r in results["decode"]:
-        log(f"{r['kernel']:<15s} {r['M']:2d} {str(r['k'])[:14]:<14s} {r['ms']:7.3f} {r['pct_copy_bw']:6.1f}")
+        log(f"{r['kernel']:<16s} {r['M']:2d} {str(r['k'])[:14]:<14s} {r['ms']:7.3f} {r['pct_copy_bw']:6.1f}")
     for r in results["prefill"]:
         log(f"prefill {r['kernel']:<15s} k={r['k']:<6s} {r['ms']:8.3f} ms {r['tflops']:6.1f} TFLOP/s")
 

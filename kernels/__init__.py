@@ -7,7 +7,8 @@
 Files (one per concept, house style §3.8):
     layout.py       PackedSlices and the exact converter from/to the library's planes
     _tile.py        shared Triton pieces: PTX unpacking of k planes into BIAS + Q_k, the per-group loop
-    sliced_gemv.py  decode kernel (1..16 tokens, split-K) + launcher + torch reference
+    sliced_gemv.py  decode kernel v5 (1..16 tokens, tensor cores, split-K) + launcher + torch reference
+    sliced_gemv_cc.py  decode kernel v7 (1..4 fp16 tokens, CUDA cores, fp16x2 math); dispatch uses it at 1 token
     sliced_gemm.py  prefill kernel (token permutation by slice count) + launcher + torch reference
     dispatch.py     sliced_linear(): picks the kernel by token count
     tuning.py       tuned configs per GPU (configs/*.json)
@@ -30,8 +31,10 @@ if HAS_TRITON:
     from .dispatch import sliced_linear, sliced_linear_ref
     from .sliced_gemm import sliced_gemm, sliced_gemm_ref
     from .sliced_gemv import sliced_gemv, sliced_gemv_ref
+    from .sliced_gemv_cc import sliced_gemv_cc
 
 __all__ = [
     "HAS_TRITON", "PackedSlices", "pack_slices", "unpack_slices", "unpack_codes", "dense_weight", "from_linear",
-    "sliced_linear", "sliced_linear_ref", "sliced_gemv", "sliced_gemv_ref", "sliced_gemm", "sliced_gemm_ref",
+    "sliced_linear", "sliced_linear_ref", "sliced_gemv", "sliced_gemv_ref", "sliced_gemv_cc", "sliced_gemm",
+    "sliced_gemm_ref",
 ]

@@ -1,4 +1,9 @@
-"""One entry point for both kernels, chosen by token count (gemlite's ``get_matmul_type``)."""
+"""One entry point for the kernels, chosen by token count and dtype (gemlite's ``get_matmul_type``).
+
+    1 token, fp16      sliced_gemv_cc (v7, CUDA cores): 1.2-2.3x faster per linear than v5 on the H100 at batch 1
+    <= 16 tokens       sliced_gemv (v5, tensor cores); v7 measured slower than v5 at 4 tokens (KERNEL_NOTES.md)
+    more               sliced_gemm (prefill)
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,14 @@ import torch
 from .layout import PackedSlices
 from .sliced_gemm import sliced_gemm
 from .sliced_gemv import MAX_TOKENS, sliced_gemv, sliced_gemv_ref
+from .sliced_gemv_cc import sliced_gemv_cc
+
+CC_MAX_TOKENS = 1  # v7 only where it measured faster (batch 1); its kernel takes up to 4 tokens
 
 
 def sliced_linear(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor | int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (..., N) = x (..., K) Ŵ_{k_t}ᵀ (+ bias): decode kernel for <= 16 tokens, prefill kernel above.
+    """y (..., N) = x (..., K) Ŵ_{k_t}ᵀ (+ bias): v7 for one fp16 token, v5 for <= 16 tokens, prefill kernel above.
 
     k: an int (all tokens) or an int32 tensor shaped like x[..., 0] on x's device (each token's slice count, 1..E).
     The choice depends only on shapes, never on k's values: no host synchronisation.
@@ -23,7 +31,12 @@ def sliced_linear(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor | int,
         k = torch.full((M,), k, dtype=torch.int32, device=x.device)
     else:
         k = k.reshape(-1).to(device=x.device, dtype=torch.int32)
-    y = sliced_gemv(x2, packed, k) if M <= MAX_TOKENS else sliced_gemm(x2, packed, k)
+    if M <= CC_MAX_TOKENS and x2.dtype == torch.float16:
+        y = sliced_gemv_cc(x2, packed, k)
+    elif M <= MAX_TOKENS:
+        y = sliced_gemv(x2, packed, k)
+    else:
+        y = sliced_gemm(x2, packed, k)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, packed.out_features)

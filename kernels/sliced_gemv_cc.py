@@ -1,0 +1,468 @@
+"""Decode kernel v7: a CUDA-core GEMV for 1..4 tokens (no tensor cores, no shared-memory round trip).
+
+Shapes and contract as ``sliced_gemv`` (v5): x (M, K) fp16 with M <= 4, k (M,) int32 on the device (clamped to
+1..E), packed (layout.py) with N rows, y (M, N) fp16. bf16 is not supported here (the fp16x2 products below would
+run in bf16's 8-bit mantissa); ``dispatch.sliced_linear`` keeps bf16 on v5.
+
+Why: v5 runs each group as unpack -> shared memory -> barrier -> wgmma -> wait -> epilogue, a serial chain of about
+1 µs per CTA and group, so at batch 1 it is latency-bound (KERNEL_NOTES.md). Here every thread unpacks its own words
+and multiplies them with x in registers, with packed fp16x2 math; nothing waits on anything but its loads.
+
+Per int32 word (16 weights of one row, the same 16 positions in each of the k planes), one inline-PTX block:
+
+    merge the k plane words into 2-, 4- or 8-bit fields Q_k (as in _tile.py; register j holds slots j and j + 8,
+        which layout.SLOT puts at positions 2j and 2j + 1 of the word: x pairs load as plain int32)
+    per register j: r = (u & mask(p)) | magic(p)      the field at mantissa bit p of an fp16 whose exponent is
+                                                      2^(10 - p): r = 2^(10 - p) + Q exactly (a shift only when
+                                                      the field lies above bit 10 - bits)
+                    q = fma.f16x2(r, c1, c2(p))       q = Q 4^-(k-1) / 16 - 1/8, exact, |q| <= 1/8
+                    acc = fma.f16x2(q, x_j, acc)      two chains (even / odd j) of 4 products, then added:
+                                                      8 products per fp16 half
+    P = cvt.f32(acc.lo) + cvt.f32(acc.hi)
+
+Overflow guard: |q| <= 1/8 and 8 products per fp16 accumulator give |acc| <= 8 * 65504 / 8, so no finite fp16 x
+can overflow it (round-to-nearest never rounds a value <= 65504 up to inf). The x sums are taken the same way,
+as Σ x / 16 in fp16x2 (8 terms of |x| / 16 per half). Products below 2^-14 (|q x| tiny) lose relative precision
+(fp16 subnormals), which is negligible against the output unless the whole of x is below ~1e-3.
+
+Epilogue per word and row, in fp32 (s_1, z_1 of the row's group, X = Σ_word x / 16):
+    Ŵ_k = s_1 (16 q + 2 - z_1 + 2^-(2k-1))  =>  acc32 += s_1 P + s_1 (2 - z_1 + 2^-(2k-1)) X      (times 16 at the end)
+
+Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one token per program (its own k_t, so mixed batches need no masking); the
+other tokens' programs read the same words, mostly from L2. Split-K partials are reduced by the last-arriving
+program (self-resetting counter per token and n-tile), as in v5.
+
+Launch options (config dict, tuned per shape in configs/h100.json): BLOCK_N, GPI (groups per iteration), SPLIT_K,
+num_warps, PF (prefetch the next iteration's words, scales and zero points into registers), L2PF (bulk L2 prefetch
+of the program's row range), GPK (4 / 2 x GPI groups per iteration at k = 1 / 2), PDL (programmatic dependent launch:
+before ``griddepcontrol.wait`` a program only prefetches its plane-1 weights into L2; x, k, y and the split-K
+workspace are touched after it), maxnreg.
+
+The interpreter path (USE_ASM=False) computes P from the same q values in fp32 (tests/kernels check the indexing
+and the epilogue there; tests/kernels/test_sliced_gemv_cc.py executes the PTX text itself on the CPU, fp16 rounding
+included).
+
+Status on the H100 (benchmarks/KERNEL_NOTES.md, "v7"): 32-layer LLaMA-3-8B stack at batch 1 in 2.003 / 2.638 /
+5.121 ms at k = 1 / 2 / 4 (33 / 47 / 47 % of copy bandwidth; v5: 3.944 / 4.249 / 5.288 ms). Slower than v5 at 4
+tokens, so ``dispatch.sliced_linear`` uses it for one fp16 token only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import PackedSlices
+from .sliced_gemv import _check_args, _scratch
+from .tuning import lookup
+
+MAX_TOKENS_CC = 4
+_F16 = {1024.0: 0x6400, 256.0: 0x5C00, 64.0: 0x5400, 16.0: 0x4C00, 4.0: 0x4400, 1.0: 0x3C00}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _h2(v: float) -> str:
+    """fp16x2 constant (both halves v) as a PTX hex literal."""
+    import struct
+
+    h = struct.unpack("<H", struct.pack("<e", v))[0]
+    return hex(h | (h << 16))
+
+
+def _fields(ks: int):
+    """(L, regs): PTX that merges the plane words $9.. into fields, and per register j (slots j, j + 8) the
+    (source, bit position in each half, field width) it reads."""
+    w = [f"${9 + e}" for e in range(ks)]
+    L = []
+    if ks == 1:
+        return L, [(w[0], 2 * j, 2) for j in range(8)]
+    if ks == 2:  # nibble n of u_m = (c_1 << 2 | c_2) of slot 2n + m
+        L += [f"shl.b32 t, {w[0]}, 2;", f"lop3.b32 u0, t, {w[1]}, 0xCCCCCCCC, 0xE4;",
+              f"shr.u32 t, {w[1]}, 2;", f"lop3.b32 u1, {w[0]}, t, 0xCCCCCCCC, 0xE4;"]
+        return L, [(f"u{j % 2}", 4 * (j // 2), 4) for j in range(8)]
+    for m in range(4):  # byte b of u_m = Q_k of slot 4b + m (6 or 8 bits)
+        src = w[ks - 1]
+        if m:
+            L.append(f"shr.u32 t, {src}, {2 * m};")
+            src = "t"
+        L.append(f"and.b32 u{m}, {src}, 0x03030303;")
+        for e in range(ks - 2, -1, -1):
+            sh, src = 2 * (ks - 1 - e) - 2 * m, w[e]
+            if sh > 0:
+                L.append(f"shl.b32 t, {src}, {sh};")
+                src = "t"
+            elif sh < 0:
+                L.append(f"shr.u32 t, {src}, {-sh};")
+                src = "t"
+            L.append(f"lop3.b32 u{m}, {src}, u{m}, {hex(0x03030303 << 2 * (ks - 1 - e))}, 0xE4;")
+    return L, [(f"u{j % 4}", 8 * (j // 4), 2 * ks) for j in range(8)]
+
+
+def asm_cc_text(ks: int) -> str:
+    """PTX: plane words $9..$(8+ks) and x pairs $1..$8 (fp16x2 of positions 2j, 2j+1) -> $0 = P (fp32)."""
+    L = ["{", ".reg .b32 t, u0, u1, u2, u3, r, q, a, b, c, c1, s0, s1, s2, s3;", ".reg .b16 h0, h1;",
+         ".reg .f32 f0, f1;"]
+    merge, regs = _fields(ks)
+    L += merge
+    c1 = 2.0 ** -(2 * ks + 2)
+    L.append(f"mov.b32 c1, {_h2(c1)};")
+    shifted = {}
+    for j, (src, p, b) in enumerate(regs):
+        if p + b > 10:  # field above the mantissa: shift it down (one shift per source and amount, reused)
+            sh = p if b > 2 else 10  # k=1: slots 5..7 -> bits 0, 2, 4; wider fields: to bit 0 or 4
+            if b == 4:
+                sh = 8
+            key = (src, sh)
+            if key not in shifted:
+                reg = f"s{len(shifted)}"
+                L.append(f"shr.u32 {reg}, {src}, {sh};")
+                shifted[key] = reg
+            src, p = shifted[key], p - sh
+        magic = 2.0 ** (10 - p)
+        mask = ((1 << b) - 1) << p
+        L.append(f"lop3.b32 r, {src}, {hex(mask | (mask << 16))}, {_h2(magic)}, 0xEA;")  # (a & b) | c
+        L.append(f"mov.b32 c, {_h2(-magic * c1 - 0.125)};")  # f16x2 operands must be registers
+        L.append("fma.rn.f16x2 q, r, c1, c;")  # Q 4^-(k-1)/16 - 1/8, exact
+        acc = "a" if j % 2 == 0 else "b"  # two chains (even / odd j) of 4 products: half the latency
+        if j < 2:
+            L.append(f"mul.rn.f16x2 {acc}, q, ${1 + j};")
+        else:
+            L.append(f"fma.rn.f16x2 {acc}, q, ${1 + j}, {acc};")
+    L += ["add.rn.f16x2 a, a, b;", "mov.b32 {h0, h1}, a;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;",
+          "add.f32 $0, f0, f1;", "}"]
+    return "\n".join(L)
+
+
+def asm_xsum_text() -> str:
+    """PTX: x pairs $1..$8 -> $0 = Σ x / 16 (fp16x2 accumulation, then fp32)."""
+    L = ["{", ".reg .b32 a, c;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;", f"mov.b32 c, {_h2(1 / 16)};"]
+    for j in range(8):
+        if j == 0:
+            L.append(f"mul.rn.f16x2 a, ${1 + j}, c;")
+        else:
+            L.append(f"fma.rn.f16x2 a, ${1 + j}, c, a;")
+    L += ["mov.b32 {h0, h1}, a;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", "add.f32 $0, f0, f1;", "}"]
+    return "\n".join(L)
+
+
+ASM_CC_1 = tl.constexpr(asm_cc_text(1))
+ASM_CC_2 = tl.constexpr(asm_cc_text(2))
+ASM_CC_3 = tl.constexpr(asm_cc_text(3))
+ASM_CC_4 = tl.constexpr(asm_cc_text(4))
+ASM_XSUM = tl.constexpr(asm_xsum_text())
+CC_CONS_1 = tl.constexpr("=r" + ",r" * 9)
+CC_CONS_2 = tl.constexpr("=r" + ",r" * 10)
+CC_CONS_3 = tl.constexpr("=r" + ",r" * 11)
+CC_CONS_4 = tl.constexpr("=r" + ",r" * 12)
+XSUM_CONS = tl.constexpr("=r" + ",r" * 8)
+ASM_LDX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8];\nld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8 + 16];")
+LDX_CONS = tl.constexpr("=r," * 8 + "l")
+I32X8 = tl.constexpr((tl.int32,) * 8)
+ASM_LDSZ = tl.constexpr("{\n.reg .b16 hs, hz;\nld.global.nc.b16 hs, [$2];\nld.global.nc.b16 hz, [$3];\n"
+                        "cvt.f32.f16 $0, hs;\ncvt.f32.f16 $1, hz;\n}")
+LDSZ_CONS = tl.constexpr("=r,=r,l,l")
+ASM_L2PF = tl.constexpr("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;")
+L2PF_CONS = tl.constexpr("=r,l,r")
+ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
+ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
+F32X2 = tl.constexpr((tl.float32, tl.float32))
+
+
+@triton.jit
+def _q_f32(w0, w1, w2, w3, SLOT: tl.constexpr, KS: tl.constexpr):
+    """q = Q_KS 4^-(KS-1) / 16 - 1/8 of bit slot SLOT, fp32 (interpreter path)."""
+    q = (w0 >> (2 * SLOT)) & 3
+    if KS > 1:
+        q = q * 4 + ((w1 >> (2 * SLOT)) & 3)
+    if KS > 2:
+        q = q * 4 + ((w2 >> (2 * SLOT)) & 3)
+    if KS > 3:
+        q = q * 4 + ((w3 >> (2 * SLOT)) & 3)
+    return q.to(tl.float32) * (0.25 ** (KS - 1) / 16.0) - 0.125
+
+
+@triton.jit
+def _pair_f32(xp, HI: tl.constexpr):
+    """One fp16 half of an int32 x pair, as fp32 (interpreter path)."""
+    if HI:
+        h = (xp >> 16) & 0xFFFF
+    else:
+        h = xp & 0xFFFF
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_dot(w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """P = Σ_{16 positions} q x per word (fp32), for word tensors w* and x-pair tensors x* that broadcast."""
+    if USE_ASM:
+        if KS == 1:
+            P = tl.inline_asm_elementwise(ASM_CC_1, CC_CONS_1, [x0, x1, x2, x3, x4, x5, x6, x7, w0],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        elif KS == 2:
+            P = tl.inline_asm_elementwise(ASM_CC_2, CC_CONS_2, [x0, x1, x2, x3, x4, x5, x6, x7, w0, w1],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        elif KS == 3:
+            P = tl.inline_asm_elementwise(ASM_CC_3, CC_CONS_3, [x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            P = tl.inline_asm_elementwise(ASM_CC_4, CC_CONS_4, [x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+    else:  # register j = slots (j, j + 8) = positions (2j, 2j + 1) = x pair j
+        P = _q_f32(w0, w1, w2, w3, 0, KS) * _pair_f32(x0, False) + _q_f32(w0, w1, w2, w3, 8, KS) * _pair_f32(x0, True)
+        P += _q_f32(w0, w1, w2, w3, 1, KS) * _pair_f32(x1, False) + _q_f32(w0, w1, w2, w3, 9, KS) * _pair_f32(x1, True)
+        P += _q_f32(w0, w1, w2, w3, 2, KS) * _pair_f32(x2, False) + _q_f32(w0, w1, w2, w3, 10, KS) * _pair_f32(x2, True)
+        P += _q_f32(w0, w1, w2, w3, 3, KS) * _pair_f32(x3, False) + _q_f32(w0, w1, w2, w3, 11, KS) * _pair_f32(x3, True)
+        P += _q_f32(w0, w1, w2, w3, 4, KS) * _pair_f32(x4, False) + _q_f32(w0, w1, w2, w3, 12, KS) * _pair_f32(x4, True)
+        P += _q_f32(w0, w1, w2, w3, 5, KS) * _pair_f32(x5, False) + _q_f32(w0, w1, w2, w3, 13, KS) * _pair_f32(x5, True)
+        P += _q_f32(w0, w1, w2, w3, 6, KS) * _pair_f32(x6, False) + _q_f32(w0, w1, w2, w3, 14, KS) * _pair_f32(x6, True)
+        P += _q_f32(w0, w1, w2, w3, 7, KS) * _pair_f32(x7, False) + _q_f32(w0, w1, w2, w3, 15, KS) * _pair_f32(x7, True)
+    return P
+
+
+@triton.jit
+def _xsum(x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexpr):
+    """Σ x / 16 over the 16 positions of a word (fp32)."""
+    if USE_ASM:
+        X = tl.inline_asm_elementwise(ASM_XSUM, XSUM_CONS, [x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        X = _pair_f32(x0, False) + _pair_f32(x0, True) + _pair_f32(x1, False) + _pair_f32(x1, True)
+        X += _pair_f32(x2, False) + _pair_f32(x2, True) + _pair_f32(x3, False) + _pair_f32(x3, True)
+        X += _pair_f32(x4, False) + _pair_f32(x4, True) + _pair_f32(x5, False) + _pair_f32(x5, True)
+        X += _pair_f32(x6, False) + _pair_f32(x6, True) + _pair_f32(x7, False) + _pair_f32(x7, True)
+        X = X * 0.0625
+    return X
+
+
+@triton.jit
+def _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS: tl.constexpr, GPI: tl.constexpr, WPG: tl.constexpr):
+    """The KS plane word tiles (BN, GPI, WPG) of groups g .. g + GPI - 1 (zeros past g_hi; unused planes repeat w0)."""
+    gm = (g + tl.arange(0, GPI)) < g_hi
+    wm = n_mask[:, None, None] & gm[None, :, None]
+    wp = w_ptrs + g * WPG
+    w0 = tl.load(wp, mask=wm, other=0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if KS > 1:
+        w1 = tl.load(wp + plane_stride, mask=wm, other=0)
+    if KS > 2:
+        w2 = tl.load(wp + 2 * plane_stride, mask=wm, other=0)
+    if KS > 3:
+        w3 = tl.load(wp + 3 * plane_stride, mask=wm, other=0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _load_sz(g, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI: tl.constexpr, USE_ASM: tl.constexpr):
+    """s_1, z_1 (BN, GPI) fp32 of groups g .. g + GPI - 1 (s = 0 past g_hi)."""
+    i_g = tl.arange(0, GPI)
+    gm = (g + i_g) < g_hi
+    if USE_ASM:  # loaded in the words' layout (tl.load would pick a coalesced one and convert via shared memory)
+        off = (tl.minimum(g + i_g, g_hi - 1) - i_g)[None, :] * N  # groups past g_hi re-read a valid one
+        sa = (s_ptrs + off).to(tl.int64, bitcast=True)
+        za = (z_ptrs + off).to(tl.int64, bitcast=True)
+        s, z = tl.inline_asm_elementwise(ASM_LDSZ, LDSZ_CONS, [sa, za], dtype=F32X2, is_pure=True, pack=1)
+        s = tl.where(gm[None, :], s, 0.0)
+    else:
+        sm = n_mask[:, None] & gm[None, :]
+        s = tl.load(s_ptrs + g * N, mask=sm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptrs + g * N, mask=sm, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+             KS: tl.constexpr, GPI_: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr,
+             PF: tl.constexpr, L2PF: tl.constexpr):
+    """(BN,) fp32 = Σ over groups [g_lo, g_hi) and words of s_1 P + s_1 (2 - z_1 + 2^-(2KS-1)) X (then times 16).
+
+    w_row (BN, 1, 1) pointers to plane 1 of each row, word 0; xi_base: x pair 0 of the token (int32 pointer);
+    s_row/z_row (BN, 1) pointers to group 0 of each row. GPI = groups per iteration: GPI_ at k = 3, 4, and with
+    GPK, 4 GPI_ at k = 1 and 2 GPI_ at k = 2, so that an iteration loads the same bytes at every k.
+    """
+    CZ: tl.constexpr = 2.0 + 0.5 ** (2 * KS - 1)
+    if GPK and KS < 3:
+        GPI: tl.constexpr = GPI_ * (4 // KS)
+    else:
+        GPI: tl.constexpr = GPI_
+    i_g = tl.arange(0, GPI)
+    i_w = tl.arange(0, WPG)
+    BN: tl.constexpr = w_row.shape[0]
+    w_ptrs = w_row + (i_g[None, :, None] * WPG + i_w[None, None, :])  # (BN, GPI, WPG)
+    xi_ptrs = xi_base + (i_g[:, None] * WPG + i_w[None, :]) * 8  # (GPI, WPG)
+    s_ptrs = s_row + i_g[None, :] * N  # (BN, GPI)
+    z_ptrs = z_row + i_g[None, :] * N
+    acc = tl.zeros((BN, GPI, WPG), tl.float32)
+    if L2PF:  # the program's whole row range, every plane, requested into L2 up front (no registers held)
+        nbytes = tl.zeros((BN,), tl.int32) + (g_hi - g_lo) * (WPG * 4)
+        for e in tl.static_range(KS):
+            a = (w_row1 + e * plane_stride + g_lo * WPG).to(tl.int64, bitcast=True)
+            tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [a, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+    if PF:
+        v0, v1, v2, v3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+        sv, zv = _load_sz(g_lo, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
+    for g in range(g_lo, g_hi, GPI):
+        gm = (g + i_g) < g_hi  # (GPI,)
+        if PF:  # words, scales and zero points of the next iteration issued before this one is computed
+            w0, w1, w2, w3, s, z = v0, v1, v2, v3, sv, zv
+            v0, v1, v2, v3 = _load_words(g + GPI, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+            sv, zv = _load_sz(g + GPI, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
+        else:
+            w0, w1, w2, w3 = _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+            s, z = _load_sz(g, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
+        if USE_ASM:  # two 16-byte loads per word (tl.load of the 8 pairs would be 8 scalar loads)
+            gx = tl.minimum(g + i_g, g_hi - 1)  # groups past g_hi re-read a valid one (their scale is 0)
+            xa = (xi_ptrs + (gx - i_g)[:, None] * (WPG * 8)).to(tl.int64, bitcast=True)
+            x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
+                ASM_LDX, LDX_CONS, [xa], dtype=I32X8, is_pure=True, pack=1)
+        else:
+            xm = gm[:, None]
+            xp = xi_ptrs + g * (WPG * 8)
+            x0 = tl.load(xp, mask=xm, other=0)
+            x1 = tl.load(xp + 1, mask=xm, other=0)
+            x2 = tl.load(xp + 2, mask=xm, other=0)
+            x3 = tl.load(xp + 3, mask=xm, other=0)
+            x4 = tl.load(xp + 4, mask=xm, other=0)
+            x5 = tl.load(xp + 5, mask=xm, other=0)
+            x6 = tl.load(xp + 6, mask=xm, other=0)
+            x7 = tl.load(xp + 7, mask=xm, other=0)
+        b = s * (CZ - z)
+        X = _xsum(x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM)  # (GPI, WPG)
+        P = _word_dot(w0, w1, w2, w3, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None],
+                      x7[None], KS, USE_ASM)  # (BN, GPI, WPG)
+        acc = acc + s[:, :, None] * P
+        acc = acc + b[:, :, None] * X[None]
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _sliced_gemv_cc_kernel(
+    x_ptr, y_ptr, k_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr,
+    N, G, stride_xm, stride_ym, plane_stride,
+    E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, L2PF: tl.constexpr, PDL: tl.constexpr,
+):
+    """x_ptr: x as int32 pairs (M, K/2); stride_xm in int32 units."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    n_tiles = tl.num_programs(0)
+    WPG: tl.constexpr = GROUP // 16
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    gps = tl.cdiv(G, SPLIT_K)
+    g_lo = pid_k * gps
+    g_hi = tl.minimum(g_lo + gps, G)
+    K_words = G * WPG
+    w_row = w_ptr + offs_n[:, None, None] * K_words  # (BN, 1, 1)
+    xi_base = x_ptr + m * stride_xm
+    n_c = tl.minimum(offs_n, N - 1)  # rows past N read row N - 1 (never stored)
+    w_row1 = w_ptr + n_c * K_words  # (BN,) for the L2 prefetch
+    if PDL:
+        # Programmatic dependent launch: this program may start while the previous kernel still runs. Before the
+        # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
+        # into L2. x, k, y and the split-K workspace are touched only after the wait.
+        nbytes = tl.zeros((BLOCK_N,), tl.int32) + (g_hi - g_lo) * (WPG * 4)
+        tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [(w_row1 + g_lo * WPG).to(tl.int64, bitcast=True), nbytes],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        one = tl.full((1,), 0, tl.int32)
+        tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
+    kt = tl.minimum(tl.maximum(tl.load(k_ptr + m), 1), E)
+    s_row = s_ptr + n_c[:, None]
+    z_row = z_ptr + n_c[:, None]
+    yv = tl.zeros((BLOCK_N,), tl.float32)
+    if kt == 1:
+        yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+    elif kt == 2:
+        if E >= 2:
+            yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+    elif kt == 3:
+        if E >= 3:
+            yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+    else:
+        if E >= 4:
+            yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+    yv = yv * 16.0
+    y_ptrs = y_ptr + m * stride_ym + offs_n
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, yv.to(tl.float16), mask=n_mask)
+    else:
+        tile = m * n_tiles + pid_n
+        ws = ws_ptr + tile * (SPLIT_K * BLOCK_N) + tl.arange(0, BLOCK_N)
+        tl.store(ws + pid_k * BLOCK_N, yv)
+        tl.debug_barrier()  # every thread's partial is written before the counter is released
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # last split of this tile: reduce and reset the counter
+            tot = tl.zeros((BLOCK_N,), tl.float32)
+            for sp in range(SPLIT_K):
+                tot += tl.load(ws + sp * BLOCK_N, cache_modifier=".cg")
+            tl.store(y_ptrs, tot.to(tl.float16), mask=n_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+def _has_pdl() -> bool:
+    """Whether this triton can launch with programmatic dependent launch (launch_pdl option, Hopper and later)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability()[0] >= 9
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
+    """Heuristic when no tuned entry exists (fits the H100 sweep in KERNEL_NOTES.md): BLOCK_N 128 on 4 warps, the
+    next iteration's words, scales and zero points prefetched, split-K until >= 448 programs (each split >= 2
+    groups). Launch configuration hardly mattered in the sweep (within ~10 % across tiles, splits and registers)."""
+    bn = 128
+    tiles = triton.cdiv(N, bn) * M
+    G = K // group_size
+    sk = 1
+    while tiles * sk < 448 and G // (2 * sk) >= 2:
+        sk *= 2
+    return dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=1, PDL=1)
+
+
+def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: torch.Tensor | None = None,
+                   config: dict | None = None, use_asm: bool | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32."""
+    x, M, N, K = _check_args(x, packed, k)
+    if M > MAX_TOKENS_CC:
+        raise ValueError(f"sliced_gemv_cc takes 1..{MAX_TOKENS_CC} tokens, got {M}")
+    if x.dtype != torch.float16:
+        raise TypeError(f"sliced_gemv_cc takes fp16 x, got {x.dtype} (use sliced_gemv)")
+    use_asm = (not _interpret()) if use_asm is None else use_asm
+    cfg = config or lookup("sliced_gemv_cc", M, N, K) or default_config_cc(M, N, K, packed.group_size)
+    BN, GPI, SK = cfg["BLOCK_N"], cfg.get("GPI", 1), cfg["SPLIT_K"]
+    G = K // packed.group_size
+    SK = max(1, min(SK, triton.cdiv(G, GPI)))
+    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    n_tiles = triton.cdiv(N, BN)
+    ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)
+    xi = x.view(torch.int32)  # (M, K/2) fp16 pairs
+    pdl = bool(cfg.get("PDL", 0)) and use_asm and _has_pdl()
+    _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
+        xi, y, k, packed.qweight, packed.scale, packed.zero, ws, cnt,
+        N, G, xi.stride(0), y.stride(0), packed.qweight[0].numel(),
+        E=packed.num_slices, GROUP=packed.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
+        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return y
+
+
+__all__ = ["sliced_gemv_cc", "default_config_cc", "MAX_TOKENS_CC", "asm_cc_text", "asm_xsum_text"]

@@ -1,0 +1,260 @@
+"""sliced_gemv_cc (decode v7, CUDA cores, fp16) against the dense reference built from the library's quantized parts.
+
+CPU: Triton's interpreter (the PTX-free path: the same q values, fp32 products), small irregular shapes (N = 781),
+every k, mixed k per token, split-K and prefetch variants, fresh random inputs, NaN-poisoned outputs; the PTX text of
+the per-word dot is executed instruction by instruction with fp16 rounding (numpy), including x at the fp16 limit.
+GPU (`pytest -m gpu tests/kernels`): LLaMA shapes, large-magnitude x, PDL launches chained in a CUDA graph.
+"""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import DEVICE, make_weight, reference, tol  # noqa: E402
+from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_linear  # noqa: E402
+from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text  # noqa: E402
+
+_SEED = iter(range(40_000, 50_000))
+
+
+def run_case(N, K, g, kv, config=None, x_scale=1.0, w_scale=1.0):
+    seed = next(_SEED)
+    planes, s1, z1, codes = make_weight(N, K, g, seed, DEVICE, w_scale)
+    p = pack_slices(planes, s1, z1)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    x = (torch.randn(len(kv), K, generator=gen) * x_scale).half().to(DEVICE)
+    k = torch.tensor(kv, dtype=torch.int32, device=DEVICE)
+    y = torch.full((len(kv), N), float("nan"), dtype=torch.float16, device=DEVICE)  # every element must be written
+    sliced_gemv_cc(x, p, k, out=y, config=config)
+    ref = reference(x, codes, s1, z1, kv)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float().cpu(), ref, atol=tol(torch.float16) * ref.abs().max().item(), rtol=0)
+    return p, x, k, y
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_every_k_one_token(k):
+    run_case(781, 256, 128, [k])
+
+
+def test_mixed_k_four_tokens():
+    run_case(781, 256, 128, [3, 1, 4, 2])
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=3, num_warps=4, PF=1),  # 5 groups: uneven splits
+    dict(BLOCK_N=32, GPI=2, SPLIT_K=2, num_warps=4, PF=0),  # odd group count per split with two per iteration
+    dict(BLOCK_N=128, GPI=1, SPLIT_K=1, num_warps=4, PF=1),
+    dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=4, PF=1, GPK=1),  # 4 / 2 groups per iteration at k = 1 / 2
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=4, num_warps=4, PF=1, PDL=1),  # PDL is off in the interpreter
+])
+def test_split_k_and_variants(config):
+    run_case(130, 640, 128, [1, 3, 4, 2], config)
+
+
+def test_group_64():
+    run_case(96, 384, 64, [2, 4])
+
+
+def test_large_magnitude_no_inf():
+    run_case(781, 256, 128, [1, 2, 3, 4], x_scale=1000.0, w_scale=0.02)
+
+
+def test_rejects_bad_arguments():
+    planes, s1, z1, _ = make_weight(16, 128, 128, 0, DEVICE)
+    p = pack_slices(planes, s1, z1)
+    x = torch.randn(5, 128).half().to(DEVICE)
+    with pytest.raises(ValueError):
+        sliced_gemv_cc(x, p, torch.ones(5, dtype=torch.int32, device=DEVICE))  # more than 4 tokens
+    with pytest.raises(TypeError):
+        sliced_gemv_cc(x[:1].bfloat16(), p, torch.ones(1, dtype=torch.int32, device=DEVICE))
+
+
+def test_dispatch_uses_v7_for_one_fp16_token_only():
+    planes, s1, z1, _ = make_weight(200, 256, 128, 3, DEVICE)
+    p = pack_slices(planes, s1, z1)
+    x = torch.randn(1, 256).half().to(DEVICE)
+    k = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(sliced_linear(x, p, k), sliced_gemv_cc(x, p, k))
+    xb = x.bfloat16()
+    assert torch.equal(sliced_linear(xb, p, k), sliced_gemv(xb, p, k))
+    x2 = torch.randn(2, 256).half().to(DEVICE)
+    k2 = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(sliced_linear(x2, p, k2), sliced_gemv(x2, p, k2))
+
+
+# ------------------------------------------------------------------------------------------ the PTX, executed on CPU
+M32 = 0xFFFFFFFF
+
+
+def _lop3(a, b, c, lut):
+    out = 0
+    for i in range(32):
+        idx = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)
+        out |= ((lut >> idx) & 1) << i
+    return out
+
+
+def _h(bits):
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def _bits(v):
+    with np.errstate(over="ignore"):
+        return int(np.array([v], dtype=np.float64).astype(np.float16).view(np.uint16)[0])  # one rounding to fp16
+
+
+def _f16x2(fn, *ops):
+    lo = _bits(fn(*[_h(o & 0xFFFF) for o in ops]))
+    hi = _bits(fn(*[_h(o >> 16) for o in ops]))
+    return lo | (hi << 16)
+
+
+def run_ptx(text, inputs):
+    """Execute the PTX subset of asm_cc_text / asm_xsum_text: operands $1.. = inputs; returns $0 (fp32)."""
+    regs = {f"${1 + i}": v for i, v in enumerate(inputs)}
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            dst, src = rest.split("},")
+            lo, hi = (t.strip() for t in dst.strip("{ ").split(","))
+            v = val(src)
+            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+            continue
+        a = [t.strip() for t in rest.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & M32
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "lop3.b32":
+            regs[a[0]] = _lop3(val(a[1]), val(a[2]), val(a[3]), val(a[4]))
+        elif op == "fma.rn.f16x2":  # exact in float64, one rounding
+            regs[a[0]] = _f16x2(lambda p, q, r: p * q + r, val(a[1]), val(a[2]), val(a[3]))
+        elif op == "mul.rn.f16x2":
+            regs[a[0]] = _f16x2(lambda p, q: p * q, val(a[1]), val(a[2]))
+        elif op == "add.rn.f16x2":
+            regs[a[0]] = _f16x2(lambda p, q: p + q, val(a[1]), val(a[2]))
+        elif op == "cvt.f32.f16":
+            regs[a[0]] = _h(val(a[1]))
+        elif op == "add.f32":
+            regs[a[0]] = float(np.float32(regs[a[1]]) + np.float32(regs[a[2]]))
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return regs["$0"]
+
+
+def _pairs(x16):
+    """16 fp16 values (positions 0..15) -> 8 int32 pairs (2j low, 2j + 1 high)."""
+    b = x16.astype(np.float16).view(np.uint16).astype(np.int64)
+    return [int(b[2 * j] | (b[2 * j + 1] << 16)) for j in range(8)]
+
+
+def _q(words, ks):
+    """q of positions 0..15: register j holds slots (j, j + 8) = positions (2j, 2j + 1)."""
+    out = []
+    for pos in range(16):
+        slot = pos // 2 + 8 * (pos % 2)
+        Q = 0
+        for w in words:
+            Q = (Q << 2) | ((w >> (2 * slot)) & 3)
+        out.append(Q * 2.0 ** -(2 * ks + 2) - 0.125)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("ks", [1, 2, 3, 4])
+def test_ptx_word_dot(ks):
+    rng = np.random.default_rng(ks)
+    text = asm_cc_text(ks)
+    for trial in range(12):
+        words = [int(w) for w in rng.integers(0, 2**32, ks)]
+        x = rng.standard_normal(16) * (10.0 ** rng.integers(-2, 4))
+        x16 = x.astype(np.float16)
+        P = run_ptx(text, _pairs(x16) + words)
+        q = _q(words, ks)
+        exact = float((q * x16.astype(np.float64)).sum())
+        assert abs(P - exact) <= 4e-3 * float(np.abs(q * x16).sum()) + 1e-6, (ks, trial, P, exact)
+
+
+@pytest.mark.parametrize("ks", [1, 4])
+def test_ptx_word_dot_no_overflow_at_fp16_max(ks):
+    text = asm_cc_text(ks)
+    for code in (0, M32):  # every q = -1/8, or every q at its maximum
+        for sign in (1.0, -1.0):
+            x16 = np.full(16, 65504.0 * sign, dtype=np.float16)
+            P = run_ptx(text, _pairs(x16) + [code] * ks)
+            assert np.isfinite(P)
+            exact = float((_q([code] * ks, ks) * x16.astype(np.float64)).sum())
+            assert abs(P - exact) <= 1e-3 * abs(exact)
+
+
+def test_ptx_xsum():
+    rng = np.random.default_rng(0)
+    for scale in (1e-2, 1.0, 1e3, 4e4):
+        x16 = (rng.standard_normal(16) * scale).clip(-65504, 65504).astype(np.float16)
+        X = run_ptx(asm_xsum_text(), _pairs(x16))
+        assert np.isfinite(X)
+        assert abs(X - x16.astype(np.float64).sum() / 16) <= 2e-3 * np.abs(x16.astype(np.float64)).sum() / 16
+    x16 = np.full(16, 65504.0, dtype=np.float16)
+    assert np.isfinite(run_ptx(asm_xsum_text(), _pairs(x16)))
+
+
+def test_h2_constants_are_fp16():
+    assert _h2(1024.0) == hex(0x64006400)
+    assert struct.unpack("<e", struct.pack("<H", int(_h2(-64.125), 16) & 0xFFFF))[0] == -64.125
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("kv", [[1], [2], [3], [4], [4, 1, 3, 2]])
+def test_gpu_llama_shapes(N, K, kv):
+    run_case(N, K, 128, kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_large_magnitude_no_inf():
+    run_case(4096, 4096, 128, [1, 2, 3, 4], x_scale=1000.0, w_scale=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pdl_chain_in_graph_equals_eager():
+    planes, s1, z1, _ = make_weight(4096, 4096, 128, 11, DEVICE, 0.02)
+    p = pack_slices(planes, s1, z1)
+    k = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, num_stages=1, PF=1)
+    bufs = [torch.randn(1, 4096, device=DEVICE).half()] + [torch.empty(1, 4096, device=DEVICE).half() for _ in range(6)]
+
+    def chain(c):
+        for i in range(6):
+            sliced_gemv_cc(bufs[i], p, k, out=bufs[i + 1], config=c)
+
+    chain(cfg)
+    ref = bufs[-1].clone()
+    chain(dict(cfg, PDL=1))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        chain(dict(cfg, PDL=1))
+    for b in bufs[1:]:
+        b.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bufs[-1], ref)
