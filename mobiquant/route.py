@@ -113,6 +113,21 @@ class ThresholdTable:
             stream[key] = new if seen is None else torch.cat([seen, new])[-ADAPTIVE_HISTORY:]
         return counts.reshape(scores.shape[:-1])
 
+    def count_token(self, name: str, scores: list[float], bits: float) -> int:
+        """``counts`` for one token's (E-1) scores given as floats: the same count, computed in Python (the CPU
+        decode path). Not for the adaptive mode, which needs the score history."""
+        m = self.linears[name]
+        tau = self.tau(name, bits)
+        if self.allocation == "band":
+            k_hi = _band_top(m.slice_bits, bits)
+            return 1 if k_hi == 1 else k_hi - 1 + int(scores[k_hi - 2] > tau)
+        n = 1
+        for s in scores:  # nested: residual slice e only if slice e-1
+            if not s > tau:
+                break
+            n += 1
+        return n
+
     def tau(self, name: str, bits: float) -> float:
         table = self._cache.get(bits)
         if table is None:

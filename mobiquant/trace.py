@@ -33,8 +33,15 @@ class RoutingTrace:
     _weights: float = 0.0  # Σ over calls and tokens of weights of the linear
     _pending: list = field(default_factory=list)  # records whose counts are still on a GPU
 
-    def record(self, name: str, counts: torch.Tensor, precisions: torch.Tensor, n_weights: int) -> None:
-        """counts (...) integers in 1..E; precisions (E+1,) with precisions[k] = B_k (precisions[0] = 0)."""
+    def record(self, name: str, counts: torch.Tensor | int, precisions, n_weights: int) -> None:
+        """counts (...) integers in 1..E, or a Python int for one token (the CPU decode path: no tensor work);
+        precisions (E+1,) with precisions[k] = B_k (precisions[0] = 0), a tensor or a sequence of floats."""
+        if isinstance(counts, int):
+            self._bits_weights += float(precisions[counts]) * n_weights
+            self._weights += n_weights
+            if self.keep:
+                self._counts.setdefault(name, []).append(counts)
+            return
         c = counts.detach().reshape(-1)
         if c.device.type != "cpu":  # read later, all at once: recording never waits for the device
             self._pending.append((name, c, precisions, n_weights))
@@ -59,6 +66,10 @@ class RoutingTrace:
     def counts(self) -> dict[str, list[torch.Tensor]]:
         """Layer name -> one (tokens,) long tensor per call, on the CPU (kept only with keep=True)."""
         self._flush()
+        for calls in self._counts.values():  # one-token records are kept as ints until read
+            for i, c in enumerate(calls):
+                if isinstance(c, int):
+                    calls[i] = torch.tensor([c])
         return self._counts
 
     def realized_bits(self) -> float:
@@ -67,14 +78,18 @@ class RoutingTrace:
 
     def matrix(self, step: int = -1) -> tuple[torch.Tensor, list[str]]:
         """(layers, linears) slice counts of the last token of call ``step`` and the linear names (columns)."""
-        names = sorted({split_name(n)[1] for n in self.counts}, key=_LINEAR_ORDER)
-        layers = 1 + max(split_name(n)[0] for n in self.counts)
-        out = torch.zeros(layers, len(names), dtype=torch.long)
-        for n, calls in self.counts.items():
-            i, leaf = split_name(n)
+        self._flush()
+        parts = {n: split_name(n) for n in self._counts}
+        names = sorted({leaf for _, leaf in parts.values()}, key=_LINEAR_ORDER)
+        column = {leaf: j for j, leaf in enumerate(names)}
+        layers = 1 + max(i for i, _ in parts.values())
+        out = [[0] * len(names) for _ in range(layers)]
+        for n, calls in self._counts.items():
+            i, leaf = parts[n]
             if i >= 0:
-                out[i, names.index(leaf)] = calls[step][-1]
-        return out, names
+                c = calls[step]
+                out[i][column[leaf]] = c if isinstance(c, int) else int(c[-1])
+        return torch.tensor(out, dtype=torch.long), names
 
 
 _ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -132,3 +132,51 @@ def test_band_fast_path_equals_nested_counts_of_band_scores(slice_bits):
         slow = nested_counts(band_scores(scores, slice_bits, bits), table.tau("a", bits))
         assert torch.equal(fast, slow), bits
         assert fast.min() >= 1 and fast.max() <= len(slice_bits)
+
+
+@pytest.mark.parametrize("allocation", ["nested", "band"])
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1)])
+def test_count_token_equals_counts(allocation, slice_bits):
+    """The CPU decode shortcut (one token's scores as floats) gives the count ``counts`` gives, at every budget."""
+
+    class L:
+        def __init__(self):
+            self.slice_bits, self.in_features, self.out_features = slice_bits, 8, 8
+            self.router = type("R", (), {"calib_scores": torch.randn(300, len(slice_bits) - 1),
+                                         "threshold": lambda self, b: None})()
+
+    table = ThresholdTable({"a": L()}, "layer", allocation)
+    scores = torch.randn(200, len(slice_bits) - 1)
+    scores[0] = float("nan")  # a NaN score turns nothing on, in both
+    B = list(torch.tensor(slice_bits).cumsum(0).tolist())
+    for bits in [B[0], B[0] + 0.3, (B[0] + B[1]) / 2, B[1], B[-1] - 0.25, B[-1]]:
+        full = table.counts("a", scores, bits)
+        one = [table.count_token("a", s.tolist(), bits) for s in scores]
+        assert one == full.tolist(), bits
+
+
+def test_one_token_decode_path_matches_the_batched_path(tiny_llama, routed_model):
+    """Token by token (the int fast path in route and trace) and all tokens at once give the same counts, bits and
+    logits at a routed budget."""
+    routed_model(tiny_llama)
+    attach_thresholds_(tiny_llama, "layer", "band")
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        full_tr = RoutingTrace()
+        with precision(budget=4.5, trace=full_tr):
+            full = tiny_llama(input_ids=ids).logits
+        cache, logits, bits = None, [], []
+        for t in range(ids.shape[1]):
+            tr = RoutingTrace()
+            with precision(budget=4.5, trace=tr):
+                out = tiny_llama(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits)
+            mat, _ = tr.matrix()
+            full_mat, _ = full_tr.matrix()
+            counts = {n: int(c[0][0]) for n, c in tr.counts.items()}
+            assert counts == {n: int(c[0][t]) for n, c in full_tr.counts.items()}
+            assert mat.min() >= 1
+            bits.append(tr.realized_bits())
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+    assert abs(sum(bits) / len(bits) - full_tr.realized_bits()) < 1e-9

@@ -78,6 +78,7 @@ class MoBiQuantLinear(nn.Module):
         self.name = ""  # full module name, set by quantize_ / load (the trace's key)
         self.thresholds = None  # route.ThresholdTable shared by the model's routers
         self.dense_cache = True
+        self.dense_dtype: torch.dtype | None = None  # the dense path's compute dtype (None: x's dtype)
         self._dense: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self.use_kernels = True  # on a CUDA device, when the configuration fits (module docstring)
         self._packed: dict[torch.device, object] = {}  # device -> mobiquant.kernels.PackedSlices
@@ -143,6 +144,14 @@ class MoBiQuantLinear(nn.Module):
         """B_k for k = 1..E."""
         return slices.cumulative_bits(self.slice_bits)
 
+    @property
+    def _bits_of(self) -> tuple[float, ...]:
+        """(0, B_1, ..., B_E): bits of n slices, indexed by n (the trace's table), computed once."""
+        table = self.__dict__.get("_bits_table")
+        if table is None:
+            table = self.__dict__["_bits_table"] = (0.0, *map(float, self.precisions))
+        return table
+
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.num_slices:
             raise MoBiQuantError(f"k={k} slices requested; this layer has 1..{self.num_slices}")
@@ -169,6 +178,20 @@ class MoBiQuantLinear(nn.Module):
         if self.thresholds is None:
             self.thresholds = ThresholdTable({self.name: self}, "layer")
         return self.thresholds.counts(self.name, scores, budget, stream)
+
+    def _route_token(self, x: torch.Tensor, p) -> int | None:
+        """One token on the CPU (a decode step) in router mode: its slice count as a Python int, the same count as
+        ``route`` with a handful of torch ops instead of a dozen (at ~5 µs each, that is most of a CPU decode step).
+        None where ``route`` must decide: random mode, calibration fits, adaptive thresholds, no router."""
+        if p.mode != "router" or p.fit is not None or self.router is None:
+            return None
+        if self.thresholds is None:
+            self.thresholds = ThresholdTable({self.name: self}, "layer")
+        if self.thresholds.mode == "adaptive":
+            return None
+        B = self._bits_of
+        budget = check_budget(p.budget, B[1], B[-1])
+        return self.thresholds.count_token(self.name, self.router(x).reshape(-1).tolist(), budget)
 
     @property
     def kernel_compatible(self) -> bool:
@@ -199,7 +222,9 @@ class MoBiQuantLinear(nn.Module):
         if k is None and p is not None:
             k = p.k
             if k is None and p.budget is not None:
-                k = self.route(x, p.budget, p.mode, p.generator, p.fit, p.stream)
+                k = self._route_token(x, p) if x.numel() == self.in_features and x.device.type == "cpu" else None
+                if k is None:
+                    k = self.route(x, p.budget, p.mode, p.generator, p.fit, p.stream)
         if k is None:
             k = self.num_slices
         if self.uses_kernels(x):
@@ -216,12 +241,15 @@ class MoBiQuantLinear(nn.Module):
             self._check_k(k)
             lo = hi = k
         if p is not None and p.trace is not None:
-            counts = k if isinstance(k, torch.Tensor) else torch.full(x.shape[:-1], k, dtype=torch.long)
-            B = torch.tensor([0.0, *self.precisions])  # B[n] = bits of n slices
-            p.trace.record(self.name, counts, B, self.in_features * self.out_features)
+            if isinstance(k, int) and x.numel() == self.in_features:  # one token: no tensor for the trace
+                p.trace.record(self.name, k, self._bits_of, self.in_features * self.out_features)
+            else:
+                counts = k if isinstance(k, torch.Tensor) else torch.full(x.shape[:-1], k, dtype=torch.long)
+                B = torch.tensor(self._bits_of)  # B[n] = bits of n slices
+                p.trace.record(self.name, counts, B, self.in_features * self.out_features)
         if lo == hi:
             if self.dense_cache:
-                return F.linear(x, self._dense_weight(lo, x.dtype, x.device), self.bias)
+                return self._dense_linear(x, lo)
             y = F.linear(x, self.delta(1).to(x.dtype), self.bias)
             for e in range(2, lo + 1):
                 y = y + F.linear(x, self.delta(e).to(x.dtype))
@@ -243,7 +271,7 @@ class MoBiQuantLinear(nn.Module):
             self._check_k(int(k))
             kt = torch.full(x.shape[:-1], int(k), dtype=torch.int32, device=x.device)
         if p is not None and p.trace is not None:
-            B = torch.tensor([0.0, *self.precisions])
+            B = torch.tensor(self._bits_of)
             p.trace.record(self.name, kt, B, self.in_features * self.out_features)
         P = self.packed(x.device)
         return torch.ops.mobiquant.sliced_linear(x, P.qweight, P.scale, P.zero, kt, self.bias, self.group_size)
@@ -255,13 +283,26 @@ class MoBiQuantLinear(nn.Module):
             y = x2.new_empty(x2.shape[0], self.out_features)
             for kk in torch.unique(kf).tolist():
                 idx = (kf == kk).nonzero().squeeze(1)
-                y[idx] = F.linear(x2[idx], self._dense_weight(kk, x.dtype, x.device), self.bias)
+                y[idx] = self._dense_linear(x2[idx], kk)
         else:  # slice e only for the tokens with n_t >= e
             y = F.linear(x2, self.delta(1).to(x.dtype), self.bias)
             for e in range(2, int(kf.max()) + 1):
                 idx = (kf >= e).nonzero().squeeze(1)
                 y.index_add_(0, idx, F.linear(x2[idx], self.delta(e).to(x.dtype)))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_linear(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x Ŵ_kᵀ (+ bias) from the cached dense weight, computed in ``dense_dtype`` when one is set (the CPU app
+        keeps fp16 weights: half the bytes a decode step reads). An output that overflows fp16 is computed again
+        in x's dtype, so a large activation costs time, never an inf."""
+        dt = self.dense_dtype or x.dtype
+        if dt == x.dtype:
+            return F.linear(x, self._dense_weight(k, dt, x.device), self.bias)
+        bias = None if self.bias is None else self.bias.to(dt)
+        y = F.linear(x.to(dt), self._dense_weight(k, dt, x.device), bias)
+        if not bool(torch.isfinite(y).all()):
+            return F.linear(x, self._dense_weight(k, x.dtype, x.device), self.bias)
+        return y.to(x.dtype)
 
     def _dense_weight(self, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (k, dtype, device)
@@ -293,16 +334,20 @@ class MoBiQuantLinear(nn.Module):
 
 def set_dense_cache_(model: nn.Module, enabled: bool, *, build: bool = False,
                      dtype: torch.dtype | None = None) -> nn.Module:
-    """Turn the per-precision dense weight cache of every MoBiQuantLinear on or off (off frees it). ``build=True``
-    fills it now for every precision (in ``dtype``, default the model's floating dtype), so that the first token at a
-    new budget does not pay for unpacking a whole model's weights (an interactive server wants this)."""
+    """Turn the per-precision dense weight cache of every MoBiQuantLinear on or off (off frees it).
+
+    dtype: the dense path's compute dtype (weights cached and products computed in it, inputs cast to it and the
+    output cast back; an fp16 output that overflows is recomputed in the input's dtype). None keeps each call's own
+    dtype. fp16 halves the bytes a CPU decode step reads (the playground uses it); Ŵ_k differs from fp32 by fp16
+    rounding. build=True fills the cache now for every precision, so that the first token at a new budget does not
+    pay for unpacking a whole model's weights (an interactive server wants this)."""
     float_params = [p for p in model.parameters() if p.is_floating_point()]
-    dtype = dtype or (float_params[0].dtype if float_params else torch.float32)
+    build_dtype = dtype or (float_params[0].dtype if float_params else torch.float32)
     for m in model.modules():
         if isinstance(m, MoBiQuantLinear):
-            m.dense_cache = enabled
+            m.dense_cache, m.dense_dtype = enabled, dtype if enabled else None
             m._clear_caches()
             if enabled and build:
                 for k in range(1, m.num_slices + 1):
-                    m._dense_weight(k, dtype, m.plane_1.device)
+                    m._dense_weight(k, build_dtype, m.plane_1.device)
     return model

@@ -111,3 +111,26 @@ def test_set_dense_cache_build_fills_every_precision(tiny_llama):
             assert torch.equal(m._dense[(k, torch.float32, torch.device("cpu"))], m.weight_k(k))
     set_dense_cache_(tiny_llama, False)
     assert all(m.dense_cache_bytes() == 0 for m in quantized_linears(tiny_llama).values())
+
+
+def test_fp16_dense_dtype_is_close_and_never_overflows(tiny_llama):
+    """set_dense_cache_(dtype=fp16): fp16 weights and products for fp32 inputs, close to the fp32 path; an output
+    beyond fp16's range is recomputed in fp32 instead of turning into inf."""
+    from mobiquant import quantize_, quantized_linears, set_dense_cache_
+
+    quantize_(tiny_llama, MoBiQuantConfig(group_size=32))
+    set_dense_cache_(tiny_llama, True, build=True, dtype=torch.float16)
+    q = next(iter(quantized_linears(tiny_llama).values()))
+    assert q.dense_cache_bytes() == q.num_slices * q.in_features * q.out_features * 2
+    x = torch.randn(5, q.in_features)
+    for k in range(1, q.num_slices + 1):
+        ref = F.linear(x, q.weight_k(k), q.bias)
+        y = q(x, k=k)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+        big = x * 1e5  # products far beyond 65504
+        yb = q(big, k=k)
+        assert torch.isfinite(yb).all()
+        torch.testing.assert_close(yb, F.linear(big, q.weight_k(k), q.bias), rtol=1e-4, atol=1e-1)
+    set_dense_cache_(tiny_llama, True)
+    assert q.dense_dtype is None
