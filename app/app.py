@@ -33,12 +33,13 @@ from . import views
 from .loader import Served
 from .metrics import Meter, WeightBytes
 from .session import Limits, Run, Sessions, check_count, check_mode, check_prompt, check_sampling
+from .stream import batches
 
 log = logging.getLogger("mobiquant.app")
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the repo's assets/, or mobiquant/assets in a wheel
 PLOT_EVERY_S = 2.0  # plots are resent at most this often while streaming
 TEXT_EVERY_S = 0.1  # text and metrics at most this often (the first token at once): 10 updates/s reads as live,
-# and a 2-core CPU then spends its time decoding rather than serialising one update per token
+# and a 2-core CPU then spends its time decoding rather than serialising one update per token (stream.py)
 ALL_LAYERS = "all layers"
 
 
@@ -103,23 +104,23 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
             raise gr.Error(str(e)) from None
         run = sessions.start(request.session_hash, Run(BudgetControl(budget, mode), Meter(weight_bytes, device)))
         run.view = view
-        steps = elastic_generate(model, tok, prompt, run.control, max_new, temperature=temperature if sampling else 0,
-                                 top_p=top_p, seed=seed, max_prompt_tokens=limits.max_prompt_tokens)
-        last_plot, last_text, spans, spans_view = 0.0, 0.0, [], run.view
+        steps = batches(lambda: elastic_generate(model, tok, prompt, run.control, max_new,
+                                                 temperature=temperature if sampling else 0, top_p=top_p, seed=seed,
+                                                 max_prompt_tokens=limits.max_prompt_tokens),
+                        run.control, TEXT_EVERY_S)
+        last_plot, spans, spans_view = 0.0, [], run.view
         try:
-            for step in steps:
-                run.steps.append(step)
-                metrics = run.meter.update(step)
-                now = time.perf_counter()
-                if now - last_text < TEXT_EVERY_S:
-                    continue  # rendered with the next update
-                last_text = now
+            for batch in steps:
+                for step in batch:
+                    run.steps.append(step)
+                    metrics = run.meter.update(step)
                 if run.view != spans_view:  # recoloured meanwhile: render every token again, once
                     spans, spans_view = [], run.view
                 for i in range(len(spans), len(run.steps)):  # each token is rendered once
                     spans.append(views.token_span(run.steps[i], run.steps[i - 1] if i else None, precisions,
                                                   *spans_view))
                 text = views.text_html(spans)
+                now = time.perf_counter()
                 if now - last_plot >= PLOT_EVERY_S:
                     last_plot = now
                     yield (text, views.heatmap_figure(run.steps, precisions, run.view[1]), views.metrics_html(metrics),

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--epochs", type=int, default=None, help="epochs per stage")
     ca.add_argument("--fast", action="store_true", help="the quick recipe the app runs on first launch")
     ca.add_argument("--next-input", choices=["quantized", "fp"], default=None)
-    ca.add_argument("--thresholds", choices=["layer", "global", "adaptive"], default="adaptive")
+    ca.add_argument("--thresholds", choices=["layer", "global", "adaptive", "balanced"], default="adaptive")
     ca.add_argument("--allocation", choices=["band", "nested"], default="band")
     ca.add_argument("--seed", type=int, default=0)
     _add_quant_args(ca)

@@ -35,8 +35,9 @@ class MoBiQuantConfig:
     modules:     fnmatch patterns of the module names to quantize (e.g. ``("*.mlp.*",)``); None = every
                  ``nn.Linear`` inside the decoder blocks. Embeddings and lm_head always stay in full precision.
     router_hidden: hidden width of each layer's MoBiRoute MLP (used once the model is calibrated).
-    thresholds:  budget -> threshold map: "layer" (each layer realizes the budget), "global" (one threshold) or
-                 "adaptive" (per layer, following the text being processed; route.py).
+    thresholds:  budget -> threshold map: "layer" (each layer realizes the budget), "global" (one threshold),
+                 "adaptive" (per layer, following the text being processed) or "balanced" (per layer, pushing
+                 each token toward the budget over the linears it has passed; band allocation only; route.py).
     allocation:  "band" (each token at one of the two uniform precisions around the budget, the router picks
                  which) or "nested" (any slice count, where the scores cross the threshold).
     """
@@ -66,8 +67,11 @@ class MoBiQuantConfig:
             object.__setattr__(self, "modules", tuple(self.modules))
         if not isinstance(self.router_hidden, int) or self.router_hidden < 1:
             raise MoBiQuantError(f"router_hidden must be a positive integer, got {self.router_hidden!r}")
-        if self.thresholds not in ("layer", "global", "adaptive"):
-            raise MoBiQuantError(f"thresholds must be 'layer', 'global' or 'adaptive', got {self.thresholds!r}")
+        if self.thresholds not in ("layer", "global", "adaptive", "balanced"):
+            raise MoBiQuantError(f"thresholds must be 'layer', 'global', 'adaptive' or 'balanced', got "
+                                 f"{self.thresholds!r}")
+        if self.thresholds == "balanced" and self.allocation != "band":
+            raise MoBiQuantError("thresholds='balanced' needs allocation='band'")
         if self.allocation not in ("band", "nested"):
             raise MoBiQuantError(f"allocation must be 'band' or 'nested', got {self.allocation!r}")
         if self.version != CONFIG_VERSION:

@@ -46,6 +46,7 @@ class Precision:
     generator: torch.Generator | None = field(default=None, compare=False)
     fit: dict | None = field(default=None, compare=False)  # calibration: {layer name: τ} fitted on this call
     stream: dict | None = field(default=None, compare=False)  # adaptive thresholds: score history of one text
+    tally: dict = field(default_factory=dict, compare=False)  # balanced thresholds: each token's slices so far
 
 
 def check_budget(budget, low: float | None = None, high: float | None = None) -> float:

@@ -17,12 +17,28 @@ stored in the checkpoint:
   caller's ``precision(stream=...)`` dict). The calibration text and the user's text differ; this mode follows the
   user's text, so the realized bits track the budget where fixed thresholds drift.
 
+* ``"balanced"`` (band allocation only): each token runs at one of the two uniform precisions around the budget, as
+  in "band", but the decision also looks at what the token got in the linears before this one in the same forward:
+
+      on_t = F(s_t) + λ · (p · seen_t − hi_t) > 1 − p
+
+  F is the layer's calibration-score CDF (so F(s) > 1 − p alone is the "layer" threshold at fraction p of tokens on
+  the higher precision), seen_t and hi_t count the weights of the linears the token has passed and of those where it
+  got the higher precision (in units of the mean linear), λ = ``BALANCE``. A token that was denied the extra slice
+  in earlier layers is pushed up, one that got it is pushed down: every token ends near the budget, and the router
+  picks *where* in the network each token spends it. The independent per-layer thresholds instead give the extra
+  slices to the same tokens in most layers and starve the rest, which lost to random routing on WikiText-2 (README,
+  issue #3). Causal and per token: a decode step (one token, one forward) decides exactly as a prefill would. The
+  record lives in ``precision(...).tally``, reset when a forward starts again at a linear it has seen.
+
 Tables are computed once per budget and cached; a budget is a per-call value (``precision(budget=...)``), so the
 table holds no state that depends on who is calling.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import threading
 
@@ -31,7 +47,9 @@ import torch
 from .errors import MoBiQuantError
 from .nn.router import nested_counts, realized_bits, threshold_for_bits
 
-THRESHOLD_MODES = ("layer", "global", "adaptive")
+THRESHOLD_MODES = ("layer", "global", "adaptive", "balanced")
+BALANCE = 0.13  # λ (fast 3,1,1,1,1,1 checkpoint, WikiText-2, 4 windows, 3.5 bits: 0.06 -> 55.13, 0.13 -> 54.70,
+#                0.3 -> 56.65; per-layer adaptive thresholds 58.53, random routing 59.94)
 ALLOCATIONS = ("nested", "band")
 ADAPTIVE_CHUNK = 64  # tokens per causal chunk of the adaptive mode
 ADAPTIVE_HISTORY = 2048  # most recent scores of a stream kept by the adaptive mode
@@ -42,7 +60,7 @@ _CACHE_LIMIT = 512
 def band_scores(scores: torch.Tensor, slice_bits, bits: float) -> torch.Tensor:
     """Restrict nested routing to the two uniform precisions around ``bits``: residual slices up to k_lo always on
     (+inf), slice k_hi on by its own score, slices above never (-inf). nested_counts of the result is k_lo or k_hi."""
-    k_hi = _band_top(slice_bits, bits)
+    k_hi = _band_top(tuple(slice_bits), bits)
     out = torch.full_like(scores, float("-inf"))
     out[..., : k_hi - 2 if k_hi >= 2 else 0] = float("inf")  # residual index e-2 holds slice e
     if k_hi >= 2:
@@ -50,7 +68,19 @@ def band_scores(scores: torch.Tensor, slice_bits, bits: float) -> torch.Tensor:
     return out
 
 
-def _band_top(slice_bits, bits: float) -> int:
+@functools.lru_cache(maxsize=256)
+def _band(slice_bits: tuple[int, ...], bits: float) -> tuple[int, int, float]:
+    """(k_lo, k_hi, p): the two uniform precisions around ``bits`` and the fraction p of (token, linear) pairs that
+    must take k_hi for an average of ``bits`` (k_lo = k_hi, p = 1 at a uniform precision)."""
+    k_hi = _band_top(slice_bits, bits)
+    B = list(itertools.accumulate(slice_bits))
+    if k_hi == 1 or B[k_hi - 1] <= bits + 1e-9:
+        return k_hi, k_hi, 1.0
+    return k_hi - 1, k_hi, (bits - B[k_hi - 2]) / (B[k_hi - 1] - B[k_hi - 2])
+
+
+@functools.lru_cache(maxsize=256)
+def _band_top(slice_bits: tuple[int, ...], bits: float) -> int:
     """k_hi: the fewest slices whose precision B_k reaches ``bits``."""
     B = list(itertools.accumulate(slice_bits))
     return next((k for k, b in enumerate(B, start=1) if b >= bits - 1e-9), len(B))
@@ -68,6 +98,8 @@ class ThresholdTable:
             raise MoBiQuantError(f"unknown threshold mode {mode!r}; use one of {THRESHOLD_MODES}")
         if allocation not in ALLOCATIONS:
             raise MoBiQuantError(f"unknown allocation {allocation!r}; use one of {ALLOCATIONS}")
+        if mode == "balanced" and allocation != "band":
+            raise MoBiQuantError("the balanced threshold mode needs the band allocation")
         self.mode, self.allocation = mode, allocation
         self.linears = {n: m for n, m in linears.items() if getattr(m, "router", None) is not None}
         for n, m in self.linears.items():
@@ -75,15 +107,29 @@ class ThresholdTable:
                 raise MoBiQuantError(f"the router of {n} has no calibration scores: calibrate the model first")
         self._cache: dict[float, dict[str, float]] = {}
         self._lock = threading.Lock()
+        sizes = [m.in_features * m.out_features for m in self.linears.values()]
+        self._unit = {n: len(sizes) * s / max(sum(sizes), 1) for n, s in zip(self.linears, sizes)}  # weights / mean
+        self._cdf: dict[tuple[str, int], torch.Tensor] = {}
 
     def _prior(self, name: str, bits: float) -> torch.Tensor:
         m = self.linears[name]
         prior = m.router.calib_scores.float()
         return band_scores(prior, m.slice_bits, bits) if self.allocation == "band" else prior
 
-    def counts(self, name: str, scores: torch.Tensor, bits: float, stream: dict | None = None) -> torch.Tensor:
+    def counts(self, name: str, scores: torch.Tensor, bits: float, stream: dict | None = None,
+               tally: dict | None = None) -> torch.Tensor:
         """(..., E-1) router scores -> (...) slice counts at ``bits``."""
         m = self.linears[name]
+        if self.mode == "balanced":
+            k_lo, k_hi, p = _band(m.slice_bits, bits)
+            if k_lo == k_hi:
+                return torch.full(scores.shape[:-1], k_hi, dtype=torch.long, device=scores.device)
+            F = self._quantile(name, k_hi, scores[..., k_hi - 2])
+            hi, seen = self._tally(tally if tally is not None else {}, name, F)
+            on = F + BALANCE * (p * seen - hi) > 1 - p
+            hi += self._unit[name] * on
+            seen += self._unit[name]
+            return k_lo + on.long() * (k_hi - k_lo)
         if self.allocation == "band" and self.mode != "adaptive":  # = nested_counts(band_scores(...), τ), cheaper
             k_hi = _band_top(m.slice_bits, bits)
             if k_hi == 1:
@@ -113,10 +159,25 @@ class ThresholdTable:
             stream[key] = new if seen is None else torch.cat([seen, new])[-ADAPTIVE_HISTORY:]
         return counts.reshape(scores.shape[:-1])
 
-    def count_token(self, name: str, scores: list[float], bits: float) -> int:
+    def count_token(self, name: str, scores: list[float], bits: float, tally: dict | None = None) -> int:
         """``counts`` for one token's (E-1) scores given as floats: the same count, computed in Python (the CPU
         decode path). Not for the adaptive mode, which needs the score history."""
         m = self.linears[name]
+        if self.mode == "balanced":
+            k_lo, k_hi, p = _band(m.slice_bits, bits)
+            if k_lo == k_hi:
+                return k_hi
+            cdf = self._cdf_list(name, k_hi)
+            F = bisect.bisect_left(cdf, scores[k_hi - 2]) / len(cdf)
+            t = tally if tally is not None else {}
+            if name in t.setdefault("names", set()) or t.get("shape") != ():
+                t.update(names={name}, shape=(), hi=0.0, seen=0.0)
+            else:
+                t["names"].add(name)
+            on = F + BALANCE * (p * t["seen"] - t["hi"]) > 1 - p
+            t["hi"] += self._unit[name] * on
+            t["seen"] += self._unit[name]
+            return k_hi if on else k_lo
         tau = self.tau(name, bits)
         if self.allocation == "band":
             k_hi = _band_top(m.slice_bits, bits)
@@ -127,6 +188,32 @@ class ThresholdTable:
                 break
             n += 1
         return n
+
+    def _quantile(self, name: str, k_hi: int, s: torch.Tensor) -> torch.Tensor:
+        """F(s): the fraction of the layer's calibration tokens whose score for slice k_hi is below s."""
+        key = (name, k_hi)
+        cdf = self._cdf.get(key)
+        if cdf is None:
+            cdf = self._cdf[key] = self.linears[name].router.calib_scores[:, k_hi - 2].float().sort().values
+        cdf = cdf.to(s.device)
+        return torch.searchsorted(cdf, s.float().contiguous()).float() / cdf.numel()
+
+    def _cdf_list(self, name: str, k_hi: int) -> list[float]:
+        key = (name, k_hi, "list")
+        cdf = self._cdf.get(key)
+        if cdf is None:
+            self._quantile(name, k_hi, torch.zeros(1))
+            cdf = self._cdf[key] = self._cdf[(name, k_hi)].tolist()
+        return cdf
+
+    @staticmethod
+    def _tally(tally: dict, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The balanced mode's (hi, seen) per token of the current forward: a new forward starts when a linear
+        comes back, or the tokens change shape."""
+        if name in tally.setdefault("names", set()) or tally.get("shape") != tuple(like.shape):
+            tally.update(names=set(), shape=tuple(like.shape), hi=torch.zeros_like(like), seen=torch.zeros_like(like))
+        tally["names"].add(name)
+        return tally["hi"], tally["seen"]
 
     def tau(self, name: str, bits: float) -> float:
         table = self._cache.get(bits)
@@ -140,7 +227,7 @@ class ThresholdTable:
         return table[name]
 
     def _build(self, bits: float) -> dict[str, float]:
-        if self.mode in ("layer", "adaptive"):
+        if self.mode in ("layer", "adaptive", "balanced"):
             out = {}
             for n, m in self.linears.items():
                 tau = m.router.threshold(bits) if self.allocation == "nested" else None
@@ -164,12 +251,16 @@ class ThresholdTable:
 
 
 def attach_thresholds_(model: torch.nn.Module, mode: str = "layer", allocation: str = "nested") -> ThresholdTable:
-    """Give every routed linear of ``model`` one shared budget -> threshold table."""
+    """Give every routed linear of ``model`` one shared budget -> threshold table, and group the routers of linears
+    that read one input (q/k/v, gate/up: nn/shared_input.py) for decoding."""
     from .api import quantized_linears
+    from .nn.shared_input import share_router_inputs_
 
-    table = ThresholdTable(quantized_linears(model), mode, allocation)
+    linears = quantized_linears(model)
+    table = ThresholdTable(linears, mode, allocation)
     for m in table.linears.values():
         m.thresholds = table
+    share_router_inputs_(linears)
     model.mobiquant_thresholds = mode
     model.mobiquant_allocation = allocation
     return table

@@ -180,3 +180,42 @@ def test_one_token_decode_path_matches_the_batched_path(tiny_llama, routed_model
             bits.append(tr.realized_bits())
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
     assert abs(sum(bits) / len(bits) - full_tr.realized_bits()) < 1e-9
+
+
+def test_balanced_mode_hits_the_budget_and_spreads_the_extra_slice_over_tokens(tiny_llama, routed_model):
+    """Balanced thresholds realize the budget, keep every token near it (the per-layer thresholds let the same
+    tokens take the higher precision everywhere), and decide one token at a time exactly as all at once."""
+    routed_model(tiny_llama)
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+    spread = {}
+    for mode in ("layer", "balanced"):
+        attach_thresholds_(tiny_llama, mode, "band")
+        tr = RoutingTrace()
+        with torch.no_grad(), precision(budget=4.5, trace=tr):
+            tiny_llama(input_ids=ids)
+        assert abs(tr.realized_bits() - 4.5) < 0.1
+        hi = torch.stack([torch.cat(c) for c in tr.counts.values()]) == 3  # (linears, tokens): at 6 bits
+        assert set(torch.stack([torch.cat(c) for c in tr.counts.values()]).unique().tolist()) <= {2, 3}
+        spread[mode] = hi.float().mean(0)  # per token: the fraction of linears at the higher precision
+    assert spread["layer"].min() == 0  # the per-layer thresholds starve some tokens in every linear ...
+    assert spread["balanced"].min() > 0  # ... the balanced ones do not
+    assert spread["balanced"].std() < 0.75 * spread["layer"].std()
+    with pytest.raises(MoBiQuantError, match="band"):
+        attach_thresholds_(tiny_llama, "balanced", "nested")
+
+
+def test_balanced_decode_matches_the_batched_forward(tiny_llama, routed_model):
+    routed_model(tiny_llama)
+    attach_thresholds_(tiny_llama, "balanced", "band")
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full_tr = RoutingTrace()
+        with precision(budget=3.25, trace=full_tr):
+            tiny_llama(input_ids=ids)
+        cache = None
+        for t in range(ids.shape[1]):
+            tr = RoutingTrace()
+            with precision(budget=3.25, trace=tr):
+                cache = tiny_llama(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+            assert {n: int(c[0][0]) for n, c in tr.counts.items()} == {n: int(c[0][t]) for n, c in
+                                                                        full_tr.counts.items()}

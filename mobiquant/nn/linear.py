@@ -37,6 +37,8 @@ synchronises (the decode engine, mobiquant/engine.py, uses the layer thresholds)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,7 @@ class MoBiQuantLinear(nn.Module):
         self.router: MoBiRoute | None = None
         self.name = ""  # full module name, set by quantize_ / load (the trace's key)
         self.thresholds = None  # route.ThresholdTable shared by the model's routers
+        self.shared_input = None  # shared_input.SharedInputRouters: this router run with its siblings' (decode)
         self.dense_cache = True
         self.dense_dtype: torch.dtype | None = None  # the dense path's compute dtype (None: x's dtype)
         self._dense: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -158,10 +161,10 @@ class MoBiQuantLinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def route(self, x: torch.Tensor, budget: float, mode: str = "router", generator=None, fit=None,
-              stream=None) -> torch.Tensor:
+              stream=None, tally=None) -> torch.Tensor:
         """Per-token slice counts (x.shape[:-1], long) for an average of ``budget`` bits. With ``fit`` (a dict,
         calibration only) τ is fitted to these tokens and stored as fit[name]; ``stream`` is the score history of
-        the adaptive threshold mode."""
+        the adaptive threshold mode, ``tally`` the balanced mode's per-token record of the current forward."""
         B = self.precisions
         budget = check_budget(budget, B[0], B[-1])
         if mode == "random":
@@ -177,7 +180,7 @@ class MoBiQuantLinear(nn.Module):
             return nested_counts(scores, fit[self.name])
         if self.thresholds is None:
             self.thresholds = ThresholdTable({self.name: self}, "layer")
-        return self.thresholds.counts(self.name, scores, budget, stream)
+        return self.thresholds.counts(self.name, scores, budget, stream, tally)
 
     def _route_token(self, x: torch.Tensor, p) -> int | None:
         """One token on the CPU (a decode step) in router mode: its slice count as a Python int, the same count as
@@ -191,7 +194,9 @@ class MoBiQuantLinear(nn.Module):
             return None
         B = self._bits_of
         budget = check_budget(p.budget, B[1], B[-1])
-        return self.thresholds.count_token(self.name, self.router(x).reshape(-1).tolist(), budget)
+        group = self.shared_input
+        scores = group.scores(self, x) if group is not None else self.router(x).reshape(-1).tolist()
+        return self.thresholds.count_token(self.name, scores, budget, p.tally)
 
     @property
     def kernel_compatible(self) -> bool:
@@ -224,7 +229,7 @@ class MoBiQuantLinear(nn.Module):
             if k is None and p.budget is not None:
                 k = self._route_token(x, p) if x.numel() == self.in_features and x.device.type == "cpu" else None
                 if k is None:
-                    k = self.route(x, p.budget, p.mode, p.generator, p.fit, p.stream)
+                    k = self.route(x, p.budget, p.mode, p.generator, p.fit, p.stream, p.tally)
         if k is None:
             k = self.num_slices
         if self.uses_kernels(x):
@@ -300,7 +305,7 @@ class MoBiQuantLinear(nn.Module):
             return F.linear(x, self._dense_weight(k, dt, x.device), self.bias)
         bias = None if self.bias is None else self.bias.to(dt)
         y = F.linear(x.to(dt), self._dense_weight(k, dt, x.device), bias)
-        if not bool(torch.isfinite(y).all()):
+        if not math.isfinite(y.sum(dtype=torch.float32)):  # an fp32 sum of finite fp16 values cannot overflow
             return F.linear(x, self._dense_weight(k, x.dtype, x.device), self.bias)
         return y.to(x.dtype)
 

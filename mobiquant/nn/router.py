@@ -84,14 +84,22 @@ class MoBiRoute(nn.Module):
         return F.linear(F.silu(F.linear(x.float(), w1, b1)), w2, b2)
 
     def _inference_weights(self) -> tuple[torch.Tensor, ...]:
-        """fp32 weights with 1 / input_scale folded into fc1, rebuilt whenever a parameter or buffer changes."""
-        tensors = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.input_scale)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        cached = getattr(self, "_folded", None)
-        if cached is None or cached[0] != key:
+        """fp32 weights with 1 / input_scale folded into fc1, the same tuple until a parameter or buffer changes:
+        in place (its version counter), by assignment (another tensor), or by a move or cast (``_apply``)."""
+        fc1, fc2 = self._modules["fc1"], self._modules["fc2"]  # not self.fc1: Module.__getattr__ is slow per token
+        tensors = (fc1._parameters["weight"], fc1._parameters["bias"], fc2._parameters["weight"],
+                   fc2._parameters["bias"], self._buffers["input_scale"])
+        versions = tuple(t._version for t in tensors)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], tensors)):
             w1 = self.fc1.weight.float() / self.input_scale.float()
-            cached = self._folded = (key, (w1, self.fc1.bias.float(), self.fc2.weight.float(), self.fc2.bias.float()))
-        return cached[1]
+            folded = (w1, self.fc1.bias.float(), self.fc2.weight.float(), self.fc2.bias.float())
+            cached = self.__dict__["_folded"] = (tensors, versions, folded)
+        return cached[2]
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_folded", None)  # a move or cast may swap a parameter's data in place
+        return super()._apply(fn, recurse)
 
     def set_calibration_scores_(self, scores: torch.Tensor, keep: int = CALIB_SCORES, seed: int = 0) -> None:
         """Keep a seeded random sample of ``keep`` tokens' scores (T, E-1) for the budget -> threshold map."""
