@@ -41,45 +41,52 @@ BIAS = {"fp16": 1024.0, "bf16": 128.0}
 QBITS = {"fp16": 10, "bf16": 7}  # mantissa bits: Q_k must fit below BIAS exactly
 
 
-def _asm_text(ks: int, magic: int) -> str:
-    """PTX: KS plane words $16.. (plane 1 first) -> 16 halves $0..$15, register j = ($2j, $2j+1) = slots (j, j+8)."""
-    w = [f"${16 + e}" for e in range(ks)]
-    mg = hex(magic)
-    L = ["{", ".reg .b32 t, r, u0, u1, u2, u3;"]
+def merge_planes_ptx(ks: int, words: list[str]) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """PTX that merges KS plane words (register names ``words``, plane 1 first) into fields Q_k, and per output
+    register j (slots j and j + 8) the (source register, bit position in each 16-bit half, field width) it reads.
 
-    def out(j, src, shift, fmask):
-        if shift:
-            L.append(f"shr.u32 t, {src}, {shift};")
-            src = "t"
-        L.append(f"lop3.b32 r, {src}, {fmask}, {mg}, 0xEA;")  # (a & b) | c
-        L.append(f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, r;")
-
+    k = 1: the word itself (2-bit fields at 2j).  k = 2: nibble n of u_m = (c_1 << 2 | c_2) of slot 2n + m.
+    k = 3, 4: byte b of u_m = Q_k of slot 4b + m (6 or 8 bits). Temporaries: t, u0..u3 (the caller declares them).
+    Shared by this file's unpacking and the v7 word dot (sliced_gemv_cc.py); only the per-register step differs.
+    """
+    w = words
+    L = []
     if ks == 1:
-        for j in range(8):
-            out(j, w[0], 2 * j, "0x00030003")
-    elif ks == 2:  # nibble n of u_m = (c_1 << 2 | c_2) of slot 2n + m
+        return L, [(w[0], 2 * j, 2) for j in range(8)]
+    if ks == 2:
         L += [f"shl.b32 t, {w[0]}, 2;", f"lop3.b32 u0, t, {w[1]}, 0xCCCCCCCC, 0xE4;",  # (a & c) | (b & ~c)
               f"shr.u32 t, {w[1]}, 2;", f"lop3.b32 u1, {w[0]}, t, 0xCCCCCCCC, 0xE4;"]
-        for j in range(8):
-            out(j, f"u{j % 2}", 4 * (j // 2), "0x000F000F")
-    else:  # byte b of u_m = Q_k of slot 4b + m (6 or 8 bits)
-        for m in range(4):
-            src = w[ks - 1]
-            if m:
-                L.append(f"shr.u32 t, {src}, {2 * m};")
+        return L, [(f"u{j % 2}", 4 * (j // 2), 4) for j in range(8)]
+    for m in range(4):
+        src = w[ks - 1]
+        if m:
+            L.append(f"shr.u32 t, {src}, {2 * m};")
+            src = "t"
+        L.append(f"and.b32 u{m}, {src}, 0x03030303;")
+        for e in range(ks - 2, -1, -1):
+            sh, src = 2 * (ks - 1 - e) - 2 * m, w[e]
+            if sh > 0:
+                L.append(f"shl.b32 t, {src}, {sh};")
                 src = "t"
-            L.append(f"and.b32 u{m}, {src}, 0x03030303;")
-            for e in range(ks - 2, -1, -1):
-                sh, src = 2 * (ks - 1 - e) - 2 * m, w[e]
-                if sh > 0:
-                    L.append(f"shl.b32 t, {src}, {sh};")
-                    src = "t"
-                elif sh < 0:
-                    L.append(f"shr.u32 t, {src}, {-sh};")
-                    src = "t"
-                L.append(f"lop3.b32 u{m}, {src}, u{m}, {hex(0x03030303 << 2 * (ks - 1 - e))}, 0xE4;")
-        for j in range(8):
-            out(j, f"u{j % 4}", 8 * (j // 4), "0x00FF00FF")
+            elif sh < 0:
+                L.append(f"shr.u32 t, {src}, {-sh};")
+                src = "t"
+            L.append(f"lop3.b32 u{m}, {src}, u{m}, {hex(0x03030303 << 2 * (ks - 1 - e))}, 0xE4;")
+    return L, [(f"u{j % 4}", 8 * (j // 4), 2 * ks) for j in range(8)]
+
+
+def _asm_text(ks: int, magic: int) -> str:
+    """PTX: KS plane words $16.. (plane 1 first) -> 16 halves $0..$15, register j = ($2j, $2j+1) = slots (j, j+8)."""
+    mg = hex(magic)
+    merge, fields = merge_planes_ptx(ks, [f"${16 + e}" for e in range(ks)])
+    L = ["{", ".reg .b32 t, r, u0, u1, u2, u3;", *merge]
+    for j, (src, p, b) in enumerate(fields):  # field -> mantissa of BIAS: (word >> p) & mask | magic
+        if p:
+            L.append(f"shr.u32 t, {src}, {p};")
+            src = "t"
+        fmask = (1 << b) - 1 if b <= 4 else 0xFF  # 6- and 8-bit fields: the whole byte (bits above Q_3 are 0)
+        L.append(f"lop3.b32 r, {src}, 0x{fmask | fmask << 16:08X}, {mg}, 0xEA;")  # (a & b) | c
+        L.append(f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, r;")
     L.append("}")
     return "\n".join(L)
 

@@ -10,7 +10,7 @@ and multiplies them with x in registers, with packed fp16x2 math; nothing waits 
 
 Per int32 word (16 weights of one row, the same 16 positions in each of the k planes), one inline-PTX block:
 
-    merge the k plane words into 2-, 4- or 8-bit fields Q_k (as in _tile.py; register j holds slots j and j + 8,
+    merge the k plane words into 2-, 4- or 8-bit fields Q_k (_tile.merge_planes_ptx; register j: slots j, j + 8,
         which layout.SLOT puts at positions 2j and 2j + 1 of the word: x pairs load as plain int32)
     per register j: r = (u & mask(p)) | magic(p)      the field at mantissa bit p of an fp16 whose exponent is
                                                       2^(10 - p): r = 2^(10 - p) + Q exactly (a shift only when
@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tile import merge_planes_ptx
 from .layout import PackedSlices
 from .sliced_gemv import _check_args, _scratch
 from .tuning import lookup
@@ -75,40 +76,11 @@ def _h2(v: float) -> str:
     return hex(h | (h << 16))
 
 
-def _fields(ks: int):
-    """(L, regs): PTX that merges the plane words $9.. into fields, and per register j (slots j, j + 8) the
-    (source, bit position in each half, field width) it reads."""
-    w = [f"${9 + e}" for e in range(ks)]
-    L = []
-    if ks == 1:
-        return L, [(w[0], 2 * j, 2) for j in range(8)]
-    if ks == 2:  # nibble n of u_m = (c_1 << 2 | c_2) of slot 2n + m
-        L += [f"shl.b32 t, {w[0]}, 2;", f"lop3.b32 u0, t, {w[1]}, 0xCCCCCCCC, 0xE4;",
-              f"shr.u32 t, {w[1]}, 2;", f"lop3.b32 u1, {w[0]}, t, 0xCCCCCCCC, 0xE4;"]
-        return L, [(f"u{j % 2}", 4 * (j // 2), 4) for j in range(8)]
-    for m in range(4):  # byte b of u_m = Q_k of slot 4b + m (6 or 8 bits)
-        src = w[ks - 1]
-        if m:
-            L.append(f"shr.u32 t, {src}, {2 * m};")
-            src = "t"
-        L.append(f"and.b32 u{m}, {src}, 0x03030303;")
-        for e in range(ks - 2, -1, -1):
-            sh, src = 2 * (ks - 1 - e) - 2 * m, w[e]
-            if sh > 0:
-                L.append(f"shl.b32 t, {src}, {sh};")
-                src = "t"
-            elif sh < 0:
-                L.append(f"shr.u32 t, {src}, {-sh};")
-                src = "t"
-            L.append(f"lop3.b32 u{m}, {src}, u{m}, {hex(0x03030303 << 2 * (ks - 1 - e))}, 0xE4;")
-    return L, [(f"u{j % 4}", 8 * (j // 4), 2 * ks) for j in range(8)]
-
-
 def asm_cc_text(ks: int) -> str:
     """PTX: plane words $9..$(8+ks) and x pairs $1..$8 (fp16x2 of positions 2j, 2j+1) -> $0 = P (fp32)."""
     L = ["{", ".reg .b32 t, u0, u1, u2, u3, r, q, a, b, c, c1, s0, s1, s2, s3;", ".reg .b16 h0, h1;",
          ".reg .f32 f0, f1;"]
-    merge, regs = _fields(ks)
+    merge, regs = merge_planes_ptx(ks, [f"${9 + e}" for e in range(ks)])
     L += merge
     c1 = 2.0 ** -(2 * ks + 2)
     L.append(f"mov.b32 c1, {_h2(c1)};")

@@ -1,5 +1,7 @@
-"""Shared builders for the kernel tests: a quantized weight in the library's format and its exact dense Ŵ_k."""
+"""Shared builders for the kernel tests: a quantized weight in the library's format and its exact dense Ŵ_k, and a
+Python executor of the PTX subset that the unpacking / word-dot texts emit (the interpreter cannot run PTX)."""
 
+import numpy as np
 import torch
 
 from mobiquant.quant import packing, slices
@@ -32,3 +34,79 @@ def reference(x, codes, s1, z1, kv):
 def tol(dtype):
     """Absolute tolerance relative to the output scale: 1e-3 (fp16) / 1e-2 (bf16), rtol = 0 (house style §3.11)."""
     return 1e-3 if dtype == torch.float16 else 1e-2
+
+
+# ------------------------------------------------------------------------------------------ PTX, executed on CPU
+M32 = 0xFFFFFFFF
+
+
+def _lop3(a, b, c, lut):
+    out = 0
+    for i in range(32):
+        idx = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)
+        out |= ((lut >> idx) & 1) << i
+    return out
+
+
+def f16(bits):
+    """fp16 bit pattern -> Python float."""
+    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
+
+
+def f16_bits(v):
+    """Python float -> fp16 bit pattern, one rounding (round to nearest even; inf on overflow)."""
+    with np.errstate(over="ignore"):
+        return int(np.array([v], dtype=np.float64).astype(np.float16).view(np.uint16)[0])
+
+
+def _f16x2(fn, *ops):
+    lo = f16_bits(fn(*[f16(o & 0xFFFF) for o in ops]))
+    hi = f16_bits(fn(*[f16(o >> 16) for o in ops]))
+    return lo | (hi << 16)
+
+
+def run_ptx(text, regs):
+    """Execute ``text`` (shl/shr/and/lop3/mov, fp16x2 fma/mul/add, cvt.f32.f16, add.f32) on the register dict
+    ``regs`` (name -> int, e.g. {"$16": word}); returns it with every written register. ``mov.b32 {lo, hi}, r``
+    splits r into two 16-bit halves. fp16x2 math is exact in float64, then rounded once to fp16, as the GPU does."""
+    regs = dict(regs)
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            dst, src = rest.split("},")
+            lo, hi = (t.strip() for t in dst.strip("{ ").split(","))
+            v = val(src)
+            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+            continue
+        a = [t.strip() for t in rest.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & M32
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "lop3.b32":
+            regs[a[0]] = _lop3(val(a[1]), val(a[2]), val(a[3]), val(a[4]))
+        elif op == "fma.rn.f16x2":
+            regs[a[0]] = _f16x2(lambda p, q, r: p * q + r, val(a[1]), val(a[2]), val(a[3]))
+        elif op == "mul.rn.f16x2":
+            regs[a[0]] = _f16x2(lambda p, q: p * q, val(a[1]), val(a[2]))
+        elif op == "add.rn.f16x2":
+            regs[a[0]] = _f16x2(lambda p, q: p + q, val(a[1]), val(a[2]))
+        elif op == "cvt.f32.f16":
+            regs[a[0]] = f16(val(a[1]))
+        elif op == "add.f32":
+            regs[a[0]] = float(np.float32(regs[a[1]]) + np.float32(regs[a[2]]))
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return regs

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_helpers import DEVICE, make_weight, reference, tol  # noqa: E402
+from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, tol  # noqa: E402
 from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_linear  # noqa: E402
 from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text  # noqa: E402
 
@@ -88,75 +88,9 @@ def test_dispatch_uses_v7_for_one_fp16_token_only():
 
 
 # ------------------------------------------------------------------------------------------ the PTX, executed on CPU
-M32 = 0xFFFFFFFF
-
-
-def _lop3(a, b, c, lut):
-    out = 0
-    for i in range(32):
-        idx = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)
-        out |= ((lut >> idx) & 1) << i
-    return out
-
-
-def _h(bits):
-    return float(np.array([bits], dtype=np.uint16).view(np.float16)[0])
-
-
-def _bits(v):
-    with np.errstate(over="ignore"):
-        return int(np.array([v], dtype=np.float64).astype(np.float16).view(np.uint16)[0])  # one rounding to fp16
-
-
-def _f16x2(fn, *ops):
-    lo = _bits(fn(*[_h(o & 0xFFFF) for o in ops]))
-    hi = _bits(fn(*[_h(o >> 16) for o in ops]))
-    return lo | (hi << 16)
-
-
-def run_ptx(text, inputs):
-    """Execute the PTX subset of asm_cc_text / asm_xsum_text: operands $1.. = inputs; returns $0 (fp32)."""
-    regs = {f"${1 + i}": v for i, v in enumerate(inputs)}
-
-    def val(tok):
-        tok = tok.strip()
-        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
-
-    for line in text.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        if op == "mov.b32" and rest.startswith("{"):
-            dst, src = rest.split("},")
-            lo, hi = (t.strip() for t in dst.strip("{ ").split(","))
-            v = val(src)
-            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
-            continue
-        a = [t.strip() for t in rest.split(",")]
-        if op == "mov.b32":
-            regs[a[0]] = val(a[1])
-        elif op == "shl.b32":
-            regs[a[0]] = (val(a[1]) << val(a[2])) & M32
-        elif op == "shr.u32":
-            regs[a[0]] = val(a[1]) >> val(a[2])
-        elif op == "and.b32":
-            regs[a[0]] = val(a[1]) & val(a[2])
-        elif op == "lop3.b32":
-            regs[a[0]] = _lop3(val(a[1]), val(a[2]), val(a[3]), val(a[4]))
-        elif op == "fma.rn.f16x2":  # exact in float64, one rounding
-            regs[a[0]] = _f16x2(lambda p, q, r: p * q + r, val(a[1]), val(a[2]), val(a[3]))
-        elif op == "mul.rn.f16x2":
-            regs[a[0]] = _f16x2(lambda p, q: p * q, val(a[1]), val(a[2]))
-        elif op == "add.rn.f16x2":
-            regs[a[0]] = _f16x2(lambda p, q: p + q, val(a[1]), val(a[2]))
-        elif op == "cvt.f32.f16":
-            regs[a[0]] = _h(val(a[1]))
-        elif op == "add.f32":
-            regs[a[0]] = float(np.float32(regs[a[1]]) + np.float32(regs[a[2]]))
-        else:
-            raise AssertionError(f"unexpected PTX op {op}")
-    return regs["$0"]
+def run_word_ptx(text, inputs):
+    """asm_cc_text / asm_xsum_text with operands $1.. = inputs; returns $0 (fp32)."""
+    return run_ptx(text, {f"${1 + i}": v for i, v in enumerate(inputs)})["$0"]
 
 
 def _pairs(x16):
@@ -185,7 +119,7 @@ def test_ptx_word_dot(ks):
         words = [int(w) for w in rng.integers(0, 2**32, ks)]
         x = rng.standard_normal(16) * (10.0 ** rng.integers(-2, 4))
         x16 = x.astype(np.float16)
-        P = run_ptx(text, _pairs(x16) + words)
+        P = run_word_ptx(text, _pairs(x16) + words)
         q = _q(words, ks)
         exact = float((q * x16.astype(np.float64)).sum())
         assert abs(P - exact) <= 4e-3 * float(np.abs(q * x16).sum()) + 1e-6, (ks, trial, P, exact)
@@ -197,7 +131,7 @@ def test_ptx_word_dot_no_overflow_at_fp16_max(ks):
     for code in (0, M32):  # every q = -1/8, or every q at its maximum
         for sign in (1.0, -1.0):
             x16 = np.full(16, 65504.0 * sign, dtype=np.float16)
-            P = run_ptx(text, _pairs(x16) + [code] * ks)
+            P = run_word_ptx(text, _pairs(x16) + [code] * ks)
             assert np.isfinite(P)
             exact = float((_q([code] * ks, ks) * x16.astype(np.float64)).sum())
             assert abs(P - exact) <= 1e-3 * abs(exact)
@@ -207,11 +141,11 @@ def test_ptx_xsum():
     rng = np.random.default_rng(0)
     for scale in (1e-2, 1.0, 1e3, 4e4):
         x16 = (rng.standard_normal(16) * scale).clip(-65504, 65504).astype(np.float16)
-        X = run_ptx(asm_xsum_text(), _pairs(x16))
+        X = run_word_ptx(asm_xsum_text(), _pairs(x16))
         assert np.isfinite(X)
         assert abs(X - x16.astype(np.float64).sum() / 16) <= 2e-3 * np.abs(x16.astype(np.float64)).sum() / 16
     x16 = np.full(16, 65504.0, dtype=np.float16)
-    assert np.isfinite(run_ptx(asm_xsum_text(), _pairs(x16)))
+    assert np.isfinite(run_word_ptx(asm_xsum_text(), _pairs(x16)))
 
 
 def test_h2_constants_are_fp16():
