@@ -3,6 +3,7 @@
     PYTHONUNBUFFERED=1 python benchmarks/decode.py                       # full run, writes the JSON below
     python benchmarks/decode.py --layers 4 --tokens 32                   # smoke test
     python benchmarks/decode.py --compile                                # also the torch.compile'd engine step
+    PYTHONUNBUFFERED=1 python benchmarks/decode.py --profile             # where a decode step's time goes
 
 Model: LlamaConfig of LLaMA-3-8B (hidden 4096, 32 layers, 32 heads / 8 kv heads, MLP 14336, vocab 128256), random
 weights (HF init) in fp16 on the GPU. Nothing is downloaded; speed does not depend on the weights' values.
@@ -16,6 +17,12 @@ Rows (batch 1, greedy, a 32-token random prompt, then --tokens new tokens):
   uniform k = 1..4 (set_k: the same graph, the routers' counts overridden on the device).
 * elastic_generate (the app's API) at budget 4: the engine plus one host read of logits and counts per token.
 * HF ``generate`` on the quantized model at k = 2 (eager forward; MoBiQuantLinear calls the kernels' custom op).
+
+--profile (writes results/decode_profile_h100.json instead): one engine per model, the step's CUDA graph recaptured
+for each variant (fp16: torch glue / fused glue; quantized at budget 4: the first router kernel (one program per
+router), then the split router, the fused glue, q/k/v and gate/up in one launch each, the router's PDL trigger; at
+k = 2 with and without router launches), each timed as the median of graph replays,
+and a torch.profiler trace (CUDA activity) of graph replays summed per kernel and per category.
 
 tok/s = new tokens / wall time of the decode loop (prefill excluded; median of --reps runs). The engine's greedy loop
 replays the graph back to back (the argmax is fed back on the device) and synchronises once at the end.
@@ -187,6 +194,140 @@ def elastic_generate_tps(model, prompt: torch.Tensor, n: int) -> dict:
                 first_step_s=steps[0].seconds)
 
 
+# ------------------------------------------------------------------------------------------------ --profile
+CATEGORIES = (  # kernel name substring -> category, first match wins
+    ("_route_counts", "router"), ("_sliced_gemv", "quantized linears"), ("_sliced_gemm", "quantized linears"),
+    ("_add_rms_norm", "fused glue"), ("_rope_kv", "fused glue"), ("_decode_attention", "fused glue"),
+    ("_silu_mul", "fused glue"), ("gemm", "cuBLAS"), ("gemv", "cuBLAS"), ("xmma", "cuBLAS"), ("cutlass", "cuBLAS"),
+    ("nvjet", "cuBLAS"), ("splitKreduce", "cuBLAS"),
+)
+
+
+def category(name: str) -> str:
+    return next((c for key, c in CATEGORIES if key in name), "torch glue")
+
+
+def graph_step_ms(eng: DecodeEngine, prompt: torch.Tensor, steps: int = 100, reps: int = 3) -> float:
+    """Median over reps of (event time of `steps` back-to-back graph replays) / steps."""
+    out = []
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    for _ in range(reps):
+        eng.prefill(prompt)
+        ev[0].record()
+        for _ in range(steps):
+            eng.decode()
+        ev[1].record()
+        torch.cuda.synchronize()
+        out.append(ev[0].elapsed_time(ev[1]) / steps)
+    return statistics.median(out)
+
+
+def kernel_profile(eng: DecodeEngine, prompt: torch.Tensor, steps: int = 5) -> dict:
+    """torch.profiler over `steps` graph replays: per kernel name (calls and µs per step) and per category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.prefill(prompt)
+    eng.decode()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.decode()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        d = kernels.setdefault(e.name, [0, 0.0])
+        d[0] += 1
+        d[1] += e.time_range.elapsed_us()
+    rows = sorted(((n, c / steps, us / steps) for n, (c, us) in kernels.items()), key=lambda r: -r[2])
+    cats = {}
+    for n, c, us in rows:
+        k = cats.setdefault(category(n), [0.0, 0.0])
+        k[0] += c
+        k[1] += us
+    return dict(kernels_per_step=sum(r[1] for r in rows), kernel_us_per_step=sum(r[2] for r in rows),
+                categories={k: dict(kernels=v[0], us=v[1]) for k, v in sorted(cats.items(), key=lambda kv: -kv[1][1])},
+                top=[dict(name=n[:120], calls=c, us=us) for n, c, us in rows[:25]])
+
+
+def profile_main(args, info):
+    from mobiquant.kernels import router as router_kernel
+
+    res = dict(info=info, variants={})
+    out = Path(args.out).with_name("decode_profile_h100.json") if args.out.endswith("decode_h100.json") \
+        else Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+
+    model = build_model(args.layers)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    V = res["variants"]
+
+    def variant(name, eng, setup, trace=True, check=None):
+        eng.fuse_glue = setup.get("fuse", True)
+        eng.fuse_linears = setup.get("linears", True)
+        router_kernel.CHUNK_K = setup.get("chunk", 256)
+        router_kernel.PDL_TRIGGER = setup.get("trigger", True)
+        eng.capture()
+        if "k" in setup:
+            eng.set_k(setup["k"])
+        elif "budget" in setup:
+            eng.set_budget(setup["budget"])
+        r = V[name] = dict(setup={k: v for k, v in setup.items()}, step_ms=graph_step_ms(eng, prompt))
+        if trace:
+            r["profile"] = kernel_profile(eng, prompt)
+        eng.prefill(prompt)
+        logits = [eng.decode()[0].clone() for _ in range(4)]
+        if check is not None:  # the same greedy path as the reference variant: logits close
+            r["max_abs_logit_diff_vs_" + check[0]] = max((a - b).abs().max().item() for a, b in zip(logits, check[1]))
+        log(f"{name}: {r['step_ms']:.3f} ms/step" + (f", kernels {r['profile']['kernel_us_per_step'] / 1e3:.3f} ms "
+            f"in {r['profile']['kernels_per_step']:.0f} launches" if trace else "")
+            + "".join(f", {k} {v:.3g}" for k, v in r.items() if k.startswith("max_abs")))
+        if trace:
+            for c, v in r["profile"]["categories"].items():
+                log(f"    {c:18s} {v['us'] / 1e3:7.3f} ms  {v['kernels']:6.0f} launches")
+        save()
+        return logits
+
+    # the variants, in the order the changes were made: the first router kernel (one program per router, "router1"),
+    # the split router, the fused glue, q/k/v and gate/up in one launch each, the router's PDL trigger
+    first = dict(fuse=False, linears=False, chunk=1 << 20, trigger=False)
+    with torch.no_grad():
+        eng = DecodeEngine(model, 1024, capture=False)
+        ref = ("fp16_torch_glue", variant("fp16_torch_glue", eng, dict(fuse=False)))
+        variant("fp16_fused_glue", eng, dict(fuse=True), check=ref)
+        del eng
+        torch.cuda.empty_cache()
+        quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
+        attach_random_routers(model)
+        eng = DecodeEngine(model, 1024, capture=False)
+        b4 = dict(budget=4.0)
+        ref = ("q_b4_router1_torch_glue", variant("q_b4_router1_torch_glue", eng, b4 | first))
+        variant("q_b4_split_router_torch_glue", eng, b4 | first | dict(chunk=256), check=ref)
+        variant("q_b4_split_router_fused_glue", eng, b4 | first | dict(chunk=256, fuse=True), check=ref)
+        variant("q_b4_+fused_linears", eng, b4 | dict(trigger=False), check=ref)
+        variant("q_b4_+router_pdl_trigger", eng, b4, check=ref)  # everything on: the engine's default
+        variant("q_k2_router1_torch_glue", eng, dict(k=2) | first, trace=False)
+        variant("q_k2_all_on", eng, dict(k=2), trace=False)
+        for grp in (g for blk in eng.groups for g in blk.values() if g is not None):
+            grp.routed = False  # counts straight from counts_in: no router launch at all
+        variant("q_k2_no_router_torch_glue", eng, dict(k=2) | first | dict(chunk=256), trace=False)
+        variant("q_k2_no_router_all_on", eng, dict(k=2))
+    router_kernel.PDL_TRIGGER = True
+    router_kernel.CHUNK_K = 256
+    log("\n| variant | ms/step | kernel ms | launches |")
+    log("|---|---|---|---|")
+    for n, r in V.items():
+        p = r.get("profile")
+        log(f"| {n} | {r['step_ms']:.3f} | " + (f"{p['kernel_us_per_step'] / 1e3:.3f} | {p['kernels_per_step']:.0f} |"
+                                                if p else "– | – |"))
+    save()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -195,6 +336,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd step")
+    ap.add_argument("--profile", action="store_true", help="profile one decode step per variant (see docstring)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_h100.json"))
     args = ap.parse_args()
     import transformers
@@ -204,8 +346,11 @@ def main():
                 transformers=transformers.__version__, python=platform.python_version(),
                 date=datetime.datetime.now().isoformat(timespec="seconds"), layers=args.layers,
                 new_tokens=args.tokens, prompt_tokens=args.prompt, reps=args.reps,
-                config="LLaMA-3-8B shape, random weights, fp16; slices 2,2,2,2, group 128, routers hidden 16")
+                config="LLaMA-3-8B shape, random weights, fp16; slices 2,2,2,2, group 128, routers hidden 16",
+                engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger")
     log(info)
+    if args.profile:
+        return profile_main(args, info)
     res = dict(info=info, rows={})
     rows = res["rows"]
 

@@ -6,6 +6,7 @@
     python benchmarks/kernels.py --profile-one                      # one launch per k, for ncu instruction counts
     python benchmarks/kernels.py --sweep-cc --layers 4              # v7: checks, config sweep, 4-layer stack v5/v7
     ncu -k regex:cc_kernel python benchmarks/kernels.py --profile-cc   # v7 gate-shaped launches at k=1 and k=4
+    python benchmarks/kernels.py --sweep-multi --layers 8           # v7: q/k/v and gate/up one launch vs separate
 (on the device, run python with -P: this file's name shadows a module that transformers probes)
 
 Stack: 32 layers x (q 4096x4096, k 1024x4096, v 1024x4096, o 4096x4096, gate 14336x4096, up 14336x4096,
@@ -511,6 +512,45 @@ def dump_asm(out_dir):
                 f"shared {ck.metadata.shared}")
 
 
+def sweep_multi(layers, out_path):
+    """q/k/v and gate/up of `layers` layers (one token, fp16) as separate v7 launches (tuned configs) against one
+    launch per group (sliced_gemv_cc with a list of weights) at several SPLIT_K, each chain in one CUDA graph."""
+    res = []
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    for group, names in (("qkv", ("q", "k", "v")), ("gu", ("gate", "up"))):
+        N = sum(SHAPES[n][0] for n in names)
+        outs = [torch.empty(1, SHAPES[n][0], device="cuda", dtype=torch.float16) for n in names]
+        y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        for kv in (1, 2, 4):
+            k1 = torch.full((1,), kv, dtype=torch.int32, device="cuda")
+            kS = torch.full((1, len(names)), kv, dtype=torch.int32, device="cuda")
+            ref = torch.cat([sliced_gemv_cc(x, layers[0][n]["ours"], k1) for n in names], dim=1)
+
+            def separate():
+                for L in layers:
+                    for n, o in zip(names, outs):
+                        sliced_gemv_cc(x, L[n]["ours"], k1, out=o)
+
+            row = dict(group=group, k=kv, layers=len(layers), separate_ms=time_graph(separate))
+            for sk in (2, 4, 8, 16):
+                cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=1, PDL=1)
+                one = sliced_gemv_cc(x, [layers[0][n]["ours"] for n in names], kS, config=cfg)
+                err = ((one.float() - ref.float()).norm() / ref.float().norm()).item()
+
+                def multi():
+                    for L in layers:
+                        sliced_gemv_cc(x, [L[n]["ours"] for n in names], kS, out=y, config=cfg)
+
+                row[f"one_launch_split{sk}_ms"] = time_graph(multi)
+                row[f"one_launch_split{sk}_rel_err_vs_separate"] = err
+            res.append(row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                              date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                                  timespec="seconds"), rows=res), indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -522,6 +562,7 @@ def main():
     ap.add_argument("--dump-asm", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-cc", action="store_true", help="v7 correctness + config sweep + small stack")
+    ap.add_argument("--sweep-multi", action="store_true", help="v7: q/k/v, gate/up in one launch vs separate")
     ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
     ap.add_argument("--batches", default="1,4,16")
     a = ap.parse_args()
@@ -543,7 +584,7 @@ def main():
     results["copy_bw_GBps"] = bw / 1e9
     log(f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
     n = 1 if (a.tune or a.sweep) else a.layers
-    slim = a.tune or a.sweep or a.sweep_cc
+    slim = a.tune or a.sweep or a.sweep_cc or a.sweep_multi
     layers = []
     for i in range(n):
         L = {}
@@ -566,6 +607,8 @@ def main():
         return tune(layers[0], a.out)
     if a.sweep:
         return sweep(layers[0])
+    if a.sweep_multi:
+        return sweep_multi(layers, a.out)
     if a.sweep_cc:
         _STACK.extend(layers)
         return sweep_cc(layers[0], a.out)

@@ -8,9 +8,13 @@ Files (one per concept, house style §3.8):
     layout.py       PackedSlices and the exact converter from/to the library's planes
     _tile.py        shared Triton pieces: PTX unpacking of k planes into BIAS + Q_k, the per-group loop
     sliced_gemv.py  decode kernel v5 (1..16 tokens, tensor cores, split-K) + launcher + torch reference
-    sliced_gemv_cc.py  decode kernel v7 (1..4 fp16 tokens, CUDA cores, fp16x2 math); dispatch uses it at 1 token
+    sliced_gemv_cc.py  decode kernel v7 (1..4 fp16 tokens, CUDA cores, fp16x2 math); dispatch uses it at 1 token;
+                    takes up to 3 weights of one input in one launch
     sliced_gemm.py  prefill kernel (token permutation by slice count) + launcher + torch reference
-    dispatch.py     sliced_linear(): picks the kernel by token count
+    router.py       fused decode-time router of the linears sharing one input (split over K)
+    decode_step.py  the decode step's glue between the linears: add + RMSNorm, rotary + KV-cache write, attention,
+                    SiLU·up (one token)
+    dispatch.py     sliced_linear(): picks the kernel by token count; sliced_linear_multi(): q/k/v or gate/up
     tuning.py       tuned configs per GPU (configs/*.json)
 
 ``HAS_TRITON`` is False when triton cannot be imported; then only the layout converter (pure torch) is usable.

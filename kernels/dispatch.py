@@ -3,6 +3,9 @@
     1 token, fp16      sliced_gemv_cc (v7, CUDA cores): 1.2-2.3x faster per linear than v5 on the H100 at batch 1
     <= 16 tokens       sliced_gemv (v5, tensor cores); v7 measured slower than v5 at 4 tokens (KERNEL_NOTES.md)
     more               sliced_gemm (prefill)
+
+``sliced_linear_multi`` runs the weights of one input (q/k/v, gate/up), each at its own slice counts: one v7 launch
+for one fp16 token (the decode engine's step), else one ``sliced_linear`` per weight.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ def sliced_linear(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor | int,
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, packed.out_features)
+
+
+def sliced_linear_multi(x: torch.Tensor, packs: list[PackedSlices], k: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (..., N_1 + N_2 + ...) = [x Ŵ_1ᵀ, x Ŵ_2ᵀ, ...] (+ bias): weights of one input (q/k/v, gate/up), weight s at
+    the counts k[..., s] (k shaped like x[..., 0] plus one column per weight). One v7 launch for one fp16 token,
+    else one ``sliced_linear`` per weight."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    k2 = k.reshape(x2.shape[0], len(packs)).to(device=x.device, dtype=torch.int32)
+    if x2.shape[0] <= CC_MAX_TOKENS and x2.dtype == torch.float16:
+        y = sliced_gemv_cc(x2, packs, k2)
+    else:
+        y = torch.cat([sliced_linear(x2, p, k2[:, s].contiguous()) for s, p in enumerate(packs)], dim=-1)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, y.shape[-1])
 
 
 def sliced_linear_ref(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor | int,

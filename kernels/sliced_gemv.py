@@ -117,18 +117,19 @@ def _sliced_gemv_kernel(
 _WORKSPACE: dict = {}
 
 
-def _scratch(device, n_ws: int, n_cnt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K workspace (fp32) and self-resetting counters (int32, zero between launches), cached per device.
+def _scratch(device, n_ws: int, n_cnt: int, store: dict = _WORKSPACE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K workspace (fp32) and self-resetting counters (int32, zero between launches), cached per device in
+    ``store`` (the linears share ``_WORKSPACE``; the router keeps its own).
 
     Grows only; allocate once before graph capture (a first call does it) so a captured graph never allocates.
     """
     key = (device.type, device.index)
-    ws, cnt = _WORKSPACE.get(key, (None, None))
+    ws, cnt = store.get(key, (None, None))
     if ws is None or ws.numel() < n_ws:
         ws = torch.empty(max(n_ws, 1 << 20), dtype=torch.float32, device=device)
     if cnt is None or cnt.numel() < n_cnt:
         cnt = torch.zeros(max(n_cnt, 4096), dtype=torch.int32, device=device)
-    _WORKSPACE[key] = (ws, cnt)
+    store[key] = (ws, cnt)
     return ws, cnt
 
 

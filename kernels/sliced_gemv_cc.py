@@ -32,6 +32,11 @@ Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one token per program (its own k_t, so mixe
 other tokens' programs read the same words, mostly from L2. Split-K partials are reduced by the last-arriving
 program (self-resetting counter per token and n-tile), as in v5.
 
+Several weights of one input (q/k/v, gate/up; up to 3, same K, slices and group size) can share one launch: their
+n-tiles follow each other along grid axis 0, each program picks its weight's pointers, row count and slice count
+(k (M, S): token m of weight s at k[m, s]) and writes its rows at the weight's offset in y (M, N_1 + N_2 + ...).
+This saves the fixed cost of the separate launches (KERNEL_NOTES.md, "decode step").
+
 Launch options (config dict, tuned per shape in configs/h100.json): BLOCK_N, GPI (groups per iteration), SPLIT_K,
 num_warps, PF (prefetch the next iteration's words, scales and zero points into registers), L2PF (bulk L2 prefetch
 of the program's row range), GPK (4 / 2 x GPI groups per iteration at k = 1 / 2), PDL (programmatic dependent launch:
@@ -318,15 +323,43 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
 def _sliced_gemv_cc_kernel(
     x_ptr, y_ptr, k_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr,
     N, G, stride_xm, stride_ym, plane_stride,
+    w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, L2PF: tl.constexpr, PDL: tl.constexpr,
+    NSEG: tl.constexpr,
 ):
-    """x_ptr: x as int32 pairs (M, K/2); stride_xm in int32 units."""
-    pid_n = tl.program_id(0)
+    """x_ptr: x as int32 pairs (M, K/2); stride_xm in int32 units.
+
+    NSEG > 1: up to three weights of one input (w, w1, w2 with N, N1, N2 rows) in one launch, their outputs side by
+    side in y (M, N + N1 + N2); the n-tiles of weight s follow those of the weights before it, and token m of weight
+    s takes k[m, s] (k (M, NSEG)). NSEG = 1 compiles to the single-weight kernel."""
+    pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     n_tiles = tl.num_programs(0)
     WPG: tl.constexpr = GROUP // 16
+    if NSEG == 1:
+        pid_n = pid_g
+        seg = 0
+        row0 = 0
+    else:  # which weight this n-tile belongs to, and its rows there
+        T0 = tl.cdiv(N, BLOCK_N)
+        T1 = tl.cdiv(N1, BLOCK_N)
+        seg = (pid_g >= T0).to(tl.int32) + (pid_g >= T0 + T1).to(tl.int32)
+        pid_n = pid_g - tl.where(seg >= 1, T0, 0) - tl.where(seg >= 2, T1, 0)
+        row0 = tl.where(seg >= 1, N, 0) + tl.where(seg >= 2, N1, 0)
+        if seg == 1:
+            w_ptr = w1_ptr
+            s_ptr = s1_ptr
+            z_ptr = z1_ptr
+            N = N1
+            plane_stride = plane_stride1
+        elif seg == 2:
+            w_ptr = w2_ptr
+            s_ptr = s2_ptr
+            z_ptr = z2_ptr
+            N = N2
+            plane_stride = plane_stride2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     gps = tl.cdiv(G, SPLIT_K)
@@ -347,7 +380,7 @@ def _sliced_gemv_cc_kernel(
         one = tl.full((1,), 0, tl.int32)
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
-    kt = tl.minimum(tl.maximum(tl.load(k_ptr + m), 1), E)
+    kt = tl.minimum(tl.maximum(tl.load(k_ptr + m * NSEG + seg), 1), E)
     s_row = s_ptr + n_c[:, None]
     z_row = z_ptr + n_c[:, None]
     yv = tl.zeros((BLOCK_N,), tl.float32)
@@ -367,11 +400,11 @@ def _sliced_gemv_cc_kernel(
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
                           4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
     yv = yv * 16.0
-    y_ptrs = y_ptr + m * stride_ym + offs_n
+    y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
     if SPLIT_K == 1:
         tl.store(y_ptrs, yv.to(tl.float16), mask=n_mask)
     else:
-        tile = m * n_tiles + pid_n
+        tile = m * n_tiles + pid_g
         ws = ws_ptr + tile * (SPLIT_K * BLOCK_N) + tl.arange(0, BLOCK_N)
         tl.store(ws + pid_k * BLOCK_N, yv)
         tl.debug_barrier()  # every thread's partial is written before the counter is released
@@ -407,29 +440,54 @@ def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
     return dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=1, PDL=1)
 
 
-def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: torch.Tensor | None = None,
-                   config: dict | None = None, use_asm: bool | None = None) -> torch.Tensor:
-    """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32."""
-    x, M, N, K = _check_args(x, packed, k)
+def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k: torch.Tensor,
+                   out: torch.Tensor | None = None, config: dict | None = None,
+                   use_asm: bool | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32.
+
+    ``packed`` may also be a list of 2 or 3 weights of the same input (q/k/v, gate/up: same K, slices and group
+    size): one launch computes y = [x Ŵ_1ᵀ, x Ŵ_2ᵀ, ...] (M, N_1 + N_2 + ...), weight s at k[:, s] (k (M, S)). The
+    launch configuration is looked up for the total N.
+    """
+    packs = list(packed) if isinstance(packed, (list, tuple)) else [packed]
+    p0 = packs[0]
+    if not 1 <= len(packs) <= 3:
+        raise ValueError(f"sliced_gemv_cc takes 1..3 weights, got {len(packs)}")
+    if any((p.in_features, p.num_slices, p.group_size) != (p0.in_features, p0.num_slices, p0.group_size)
+           for p in packs):
+        raise ValueError("the weights of one launch must share K, the slice count and the group size")
+    if len(packs) > 1:
+        if k.dim() != 2 or k.shape[1] != len(packs):
+            raise ValueError(f"k must be (M, {len(packs)}) for {len(packs)} weights, got {tuple(k.shape)}")
+        k = k.contiguous()
+        x, M, _, K = _check_args(x, p0, k[:, 0])
+    else:
+        x, M, _, K = _check_args(x, p0, k)
+    Ns = [p.out_features for p in packs]
+    N = sum(Ns)
     if M > MAX_TOKENS_CC:
         raise ValueError(f"sliced_gemv_cc takes 1..{MAX_TOKENS_CC} tokens, got {M}")
     if x.dtype != torch.float16:
         raise TypeError(f"sliced_gemv_cc takes fp16 x, got {x.dtype} (use sliced_gemv)")
     use_asm = (not _interpret()) if use_asm is None else use_asm
-    cfg = config or lookup("sliced_gemv_cc", M, N, K) or default_config_cc(M, N, K, packed.group_size)
+    cfg = config or lookup("sliced_gemv_cc", M, N, K) or default_config_cc(M, N, K, p0.group_size)
     BN, GPI, SK = cfg["BLOCK_N"], cfg.get("GPI", 1), cfg["SPLIT_K"]
-    G = K // packed.group_size
+    G = K // p0.group_size
     SK = max(1, min(SK, triton.cdiv(G, GPI)))
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
-    n_tiles = triton.cdiv(N, BN)
+    n_tiles = sum(triton.cdiv(n, BN) for n in Ns)
     ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)
     xi = x.view(torch.int32)  # (M, K/2) fp16 pairs
     pdl = bool(cfg.get("PDL", 0)) and use_asm and _has_pdl()
+    rest = []  # weights 2 and 3 (the first one's tensors and N = 0 where absent)
+    for i in (1, 2):
+        p = packs[i] if i < len(packs) else p0
+        rest += [p.qweight, p.scale, p.zero, p.out_features if i < len(packs) else 0, p.qweight[0].numel()]
     _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
-        xi, y, k, packed.qweight, packed.scale, packed.zero, ws, cnt,
-        N, G, xi.stride(0), y.stride(0), packed.qweight[0].numel(),
-        E=packed.num_slices, GROUP=packed.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
-        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl,
+        xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt,
+        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest,
+        E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
+        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl, NSEG=len(packs),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),

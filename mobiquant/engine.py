@@ -27,6 +27,11 @@ through its own forward, so that every shape is static and nothing leaves the de
   **Not graphable**: the "adaptive" threshold mode (a Python-side history of the text's scores, re-thresholded every
   64 tokens); the engine uses the layer thresholds fitted at calibration for a model attached in that mode, so its
   realized bits follow the calibration text rather than the user's.
+* **Fused decode step** (``fuse_glue``, on by default with the kernels for fp16/bf16 LLaMA-shaped blocks): the glue
+  between the linears runs as 5 launches per block instead of ~40 (``mobiquant.kernels.decode_step`` through
+  mobiquant/ops.py: residual add + RMSNorm, rotary + cache write, attention over the valid cache slots, SiLU·up),
+  and ``fuse_linears`` runs q/k/v and gate/up as one launch each (``sliced_linear_multi``), each linear still at
+  its own slice count. Prefill keeps the torch glue. KERNEL_NOTES.md ("decode step") has the profile.
 * **Modes**: ``set_budget`` (routers), ``set_k`` (uniform) and ``set_counts`` (counts given per linear, e.g. the
   random baseline drawn on the host exactly as the torch path draws them) only write device tensors.
 
@@ -120,7 +125,8 @@ class DecodeEngine:
     """Static-shape prefill / decode of a HF LLaMA-family model (module docstring)."""
 
     def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
-                 capture: bool | None = None, compile: bool = False):
+                 capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
+                 fuse_linears: bool | None = None):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -140,6 +146,12 @@ class DecodeEngine:
         window = getattr(cfg, "sliding_window", None)
         self.window = window if window and getattr(cfg, "use_sliding_window", True) and window < max_seq_len else None
         self.lock = threading.Lock()  # one generation at a time owns the cache
+        fits = _glue_fits(model) and self.dtype in (torch.float16, torch.bfloat16)
+        self.fuse_glue = (self.use_kernels and fits) if fuse_glue is None else bool(fuse_glue)
+        if self.fuse_glue and not fits:
+            raise MoBiQuantError("fuse_glue needs fp16/bf16 weights, RMSNorm norms and a SiLU MLP")
+        # q/k/v and gate/up as one launch each in the fused decode step (the kernels only)
+        self.fuse_linears = (self.fuse_glue and self.use_kernels) if fuse_linears is None else bool(fuse_linears)
         dev = dict(device=self.device)
         with torch.no_grad():
             self._build_linears()
@@ -196,6 +208,24 @@ class DecodeEngine:
                 q = [(entry[n][1], entry[n][0]) for n in leaves if entry[n][1] is not None]
                 g[key] = _Group([j for j, _ in q], [m for _, m in q], dev) if q else None
             self.groups.append(g)
+        self.multi = []  # per block: {"qkv": (qweights, scales, zeros, bias, splits, group size), "gu": ...}
+        for entry in self.blocks:
+            mb = {}
+            for key, leaves in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gu", ("gate_proj", "up_proj"))):
+                js = [entry[n][1] for n in leaves]
+                if not self.use_kernels or any(j is None for j in js):
+                    continue
+                P = [self.packed[j] for j in js]
+                if len({(p.group_size, p.num_slices) for p in P}) > 1:
+                    continue
+                mods = [entry[n][0] for n in leaves]
+                bias = None
+                if any(m.bias is not None for m in mods):
+                    bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=self.dtype,
+                                                                                      device=dev) for m in mods])
+                mb[key] = ([p.qweight for p in P], [p.scale for p in P], [p.zero for p in P], bias,
+                           [p.out_features for p in P], P[0].group_size)
+            self.multi.append(mb)
         n = self.n_linears
         self.given = torch.ones(max(n, 1), dtype=torch.bool, device=dev)  # count taken from counts_in
         self.counts_in = torch.ones(max(n, 1), dtype=torch.int32, device=dev)
@@ -306,6 +336,12 @@ class DecodeEngine:
             y = torch.where((c == k)[:, None], F.linear(x, W[k - 1], mod.bias), y)
         return y
 
+    def _linear_multi(self, entry, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A group's linears (all quantized) in one launch: counts (1, R) -> R outputs (views of one (1, ΣN))."""
+        qw, sc, zr, bias, splits, group_size = entry
+        y = torch.ops.mobiquant.sliced_linear_multi(x, qw, sc, zr, counts, bias, group_size)
+        return y.split(splits, dim=-1)
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, decode: bool, given_counts=None):
         """ids (T,), positions (T,) -> (logits (V,) fp32 of the last token, counts (T, n_linears) int32)."""
         T = ids.shape[0]
@@ -363,8 +399,51 @@ class DecodeEngine:
             return logits, torch.ones(T, 1, dtype=torch.int32, device=ids.device)
         return logits, torch.cat(all_counts, dim=1)
 
+    def _decode_fused(self, ids: torch.Tensor, positions: torch.Tensor):
+        """The decode step of ``_forward`` (one token) with the glue between the linears fused (mobiquant/ops.py:
+        add_rms_norm, rope_kv, decode_attention, silu_mul): 5 launches per block instead of ~40."""
+        mq = torch.ops.mobiquant
+        h = self.base.embed_tokens(ids)  # (1, hidden)
+        th = self._thresholds() if self.n_linears and any(self.routed) else None
+        pending = None  # the block output not yet added to h: added by the next norm
+        all_counts = []
+        for l, (layer, blk, grp, mul) in enumerate(zip(self.layers, self.blocks, self.groups, self.multi)):
+
+            def lin(leaf, x, counts, group, blk=blk):
+                return self._linear(*blk[leaf], x, counts, group)
+
+            ln = layer.input_layernorm
+            h, x = mq.add_rms_norm(h, pending, ln.weight, ln.variance_epsilon)
+            c = self._route(grp["qkv"], x, th, None)
+            if self.fuse_linears and "qkv" in mul:
+                q, k, v = self._linear_multi(mul["qkv"], x, c)
+            else:
+                q, k, v = (lin(n, x, c, grp["qkv"]) for n in ("q_proj", "k_proj", "v_proj"))
+            q = mq.rope_kv(q, k, v, self.cos, self.sin, positions, self.k_cache[l], self.v_cache[l])  # (H, D)
+            o = mq.decode_attention(q, self.k_cache[l], self.v_cache[l], positions, self.window or 0,
+                                    self.scaling)[None]  # (1, H*D)
+            co = self._route(grp["o"], o, th, None)
+            ln = layer.post_attention_layernorm
+            h, x = mq.add_rms_norm(h, lin("o_proj", o, co, grp["o"]), ln.weight, ln.variance_epsilon)
+            cg = self._route(grp["gu"], x, th, None)
+            if self.fuse_linears and "gu" in mul:
+                a = mq.silu_mul(*self._linear_multi(mul["gu"], x, cg))
+            else:
+                a = mq.silu_mul(lin("gate_proj", x, cg, grp["gu"]), lin("up_proj", x, cg, grp["gu"]))
+            cd = self._route(grp["down"], a, th, None)
+            pending = lin("down_proj", a, cd, grp["down"])
+            all_counts += [t for t in (c, co, cg, cd) if t is not None]
+        _, x = mq.add_rms_norm(h, pending, self.base.norm.weight, self.base.norm.variance_epsilon)
+        logits = F.linear(x, self.model.lm_head.weight, self.model.lm_head.bias)[0].float()
+        if not all_counts:
+            return logits, torch.ones(1, 1, dtype=torch.int32, device=ids.device)
+        return logits, torch.cat(all_counts, dim=1)
+
     def _decode_body(self) -> None:
-        logits, counts = self._forward(self.tok, self.pos, decode=True)
+        if self.fuse_glue:
+            logits, counts = self._decode_fused(self.tok, self.pos)
+        else:
+            logits, counts = self._forward(self.tok, self.pos, decode=True)
         self.logits.copy_(logits)
         self.counts_out.copy_(counts[0])
         self.tok.copy_(logits.argmax().reshape(1))  # greedy feedback: the next step's input unless overwritten
@@ -388,9 +467,10 @@ class DecodeEngine:
         self.captures += 1
         self.pos.zero_()
         if self.use_kernels:  # the split-K workspaces in the graph stay alive with it, even if later calls grow them
+            from .kernels.router import _SCRATCH
             from .kernels.sliced_gemv import _WORKSPACE
 
-            self._workspaces = dict(_WORKSPACE)
+            self._workspaces = (dict(_WORKSPACE), dict(_SCRATCH))
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, counts: torch.Tensor | None = None):
@@ -436,6 +516,18 @@ class DecodeEngine:
         out[self._rows[keep], self._cols[keep]] = counts[-1, keep]
         bits = float((self._B[counts] * self._w).sum() / (self._w.sum() * counts.shape[0]))
         return out, list(self._col_names), bits
+
+
+def _glue_fits(model) -> bool:
+    """Whether the fused decode glue computes this model's blocks: HF's RMSNorm (weight, variance_epsilon, the LLaMA
+    formula) for every norm and a SiLU MLP (LLaMA, Mistral and Qwen2 as HF writes them)."""
+    base = model.model
+    norms = [base.norm] + [n for layer in base.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    rms = all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon") for n in norms)
+    return rms and all(type(layer.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") for layer in base.layers)
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

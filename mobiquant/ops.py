@@ -1,6 +1,7 @@
 """``torch.library`` custom ops over the Triton kernels: what MoBiQuantLinear and the decode engine call on CUDA.
 
     y = torch.ops.mobiquant.sliced_linear(x, qweight, scale, zero, k, bias, group_size)   # x (..., K) -> (..., N)
+    y = torch.ops.mobiquant.sliced_linear_multi(x, qweights, scales, zeros, k, bias, group_size)  # q/k/v at once
     c = torch.ops.mobiquant.route_counts(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in)
 
 Registered as custom ops with fake (meta) implementations, so ``torch.compile`` traces through them without a graph
@@ -16,6 +17,15 @@ slices, E <= 4, K % 16 == 0, group size % 32 == 0, x in fp16 or bf16.
 
 ``route_counts`` is the fused decode-time router of a group of linears that share one input (q/k/v, gate/up): the
 MoBiRoute MLPs, the thresholds and the nested counts in one launch (``mobiquant.kernels.router``).
+
+The decode step's glue between the linears (``mobiquant.kernels.decode_step``, one token):
+
+    h, x = torch.ops.mobiquant.add_rms_norm(h, r, w, eps)                       # h + r, w * rmsnorm(h + r)
+    q = torch.ops.mobiquant.rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache)   # rotary; k, v into the caches
+    o = torch.ops.mobiquant.decode_attention(q, k_cache, v_cache, pos, window, scaling)
+    a = torch.ops.mobiquant.silu_mul(g, u)
+
+Their pure-torch twins (``*_ref``) are the torch code the decode engine runs without them.
 """
 
 from __future__ import annotations
@@ -93,6 +103,34 @@ def sliced_linear_ref(x: torch.Tensor, packed, k: torch.Tensor, bias: torch.Tens
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
 
 
+@torch.library.custom_op("mobiquant::sliced_linear_multi", mutates_args=())
+def sliced_linear_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                        zeros: list[torch.Tensor], k: torch.Tensor, bias: torch.Tensor | None,
+                        group_size: int) -> torch.Tensor:
+    """y (..., N_1 + .. + N_S) = [x Ŵ^(1)ᵀ, .., x Ŵ^(S)ᵀ] (+ bias, concatenated): S <= 3 sliced weights of one
+    input (q/k/v, gate/up), weight s at the counts k[..., s] (k (..., S) int32); one launch for one fp16 token."""
+    from mobiquant.kernels.layout import PackedSlices
+
+    packs = [PackedSlices(q, s, z, group_size) for q, s, z in zip(qweights, scales, zeros)]
+    k = k.to(torch.int32)
+    if _use_triton(x):
+        from mobiquant.kernels.dispatch import sliced_linear_multi as launch
+
+        return launch(x, packs, k, bias)
+    return sliced_linear_multi_ref(x, packs, k, bias)
+
+
+@sliced_linear_multi.register_fake
+def _(x, qweights, scales, zeros, k, bias, group_size):
+    return x.new_empty(*x.shape[:-1], sum(q.shape[1] for q in qweights))
+
+
+def sliced_linear_multi_ref(x: torch.Tensor, packs, k: torch.Tensor, bias: torch.Tensor | None = None):
+    """Pure torch twin of ``sliced_linear_multi``: one ``sliced_linear_ref`` per weight, concatenated."""
+    bs = [None] * len(packs) if bias is None else bias.split([p.out_features for p in packs])
+    return torch.cat([sliced_linear_ref(x, p, k[..., s], bs[s]) for s, p in enumerate(packs)], dim=-1)
+
+
 # ------------------------------------------------------------------------------------------------ route_counts
 @torch.library.custom_op("mobiquant::route_counts", mutates_args=())
 def route_counts(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -138,5 +176,119 @@ def route_counts_ref(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, coun
     return counts_from_scores(scores, tau, force_on, force_off, given, counts_in)[0]
 
 
-__all__ = ["sliced_linear", "sliced_linear_ref", "route_counts", "route_counts_ref", "router_scores",
-           "counts_from_scores", "kernel_compatible", "triton_available"]
+# ------------------------------------------------------------------------------------------ decode-step glue
+@torch.library.custom_op("mobiquant::add_rms_norm", mutates_args=())
+def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token h (..., D): (h + r, w * rmsnorm(h + r)) as HF's LlamaRMSNorm (r None: no add, h copied)."""
+    if _use_triton(h):
+        from mobiquant.kernels.decode_step import add_rms_norm as launch
+
+        return launch(h, r, w, eps)
+    return add_rms_norm_ref(h, r, w, eps)
+
+
+@add_rms_norm.register_fake
+def _(h, r, w, eps):
+    return torch.empty_like(h), torch.empty_like(h)
+
+
+def add_rms_norm_ref(h, r, w, eps):
+    """Pure torch twin of ``add_rms_norm``: the residual add, then HF's LlamaRMSNorm.forward."""
+    hn = h + r if r is not None else h.clone()
+    x32 = hn.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return hn, w * x32.to(h.dtype)
+
+
+@torch.library.custom_op("mobiquant::rope_kv", mutates_args=("k_cache", "v_cache"))
+def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One token: q (H*Dh) -> q rotated (H, Dh); k rotated and v written into k_cache, v_cache (KV, S, Dh) at slot
+    pos ((1,) int64). cos, sin: (S, Dh) rotary tables (HF's rotate_half convention)."""
+    if _use_triton(q):
+        from mobiquant.kernels.decode_step import rope_kv as launch
+
+        return launch(q, k, v, cos, sin, pos, k_cache, v_cache)
+    return rope_kv_ref(q, k, v, cos, sin, pos, k_cache, v_cache)
+
+
+@rope_kv.register_fake
+def _(q, k, v, cos, sin, pos, k_cache, v_cache):
+    DH = k_cache.shape[-1]
+    return q.new_empty(q.numel() // DH, DH)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_kv_ref(q, k, v, cos, sin, pos, k_cache, v_cache):
+    """Pure torch twin of ``rope_kv`` (HF's apply_rotary_pos_emb; index_copy_ into the caches)."""
+    KV, S, DH = k_cache.shape
+    c, s = cos.index_select(0, pos), sin.index_select(0, pos)  # (1, Dh)
+    q = q.reshape(-1, DH)
+    k = k.reshape(KV, DH)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    k_cache.index_copy_(1, pos, k[:, None])
+    v_cache.index_copy_(1, pos, v.reshape(KV, 1, DH))
+    return q
+
+
+@torch.library.custom_op("mobiquant::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, window: int,
+                     scaling: float) -> torch.Tensor:
+    """One token: o (H*Dh,) = softmax(q kᵀ · scaling) v over the cache slots pos - window < j <= pos (window 0: every
+    j <= pos); q (H, Dh), caches (KV, S, Dh), query head h reads kv head h // (H / KV)."""
+    if _use_triton(q):
+        from mobiquant.kernels.decode_step import decode_attention as launch
+
+        return launch(q, k_cache, v_cache, pos, window, scaling)
+    return decode_attention_ref(q, k_cache, v_cache, pos, window, scaling)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, pos, window, scaling):
+    return q.new_empty(q.numel())
+
+
+def decode_attention_ref(q, k_cache, v_cache, pos, window, scaling):
+    """Pure torch twin of ``decode_attention``: matmuls over the whole static cache, masked softmax in fp32."""
+    KV, S, DH = k_cache.shape
+    H = q.numel() // DH
+    j = torch.arange(S, device=q.device)
+    valid = j <= pos
+    if window:
+        valid &= j > pos - window
+    qg = q.reshape(KV, H // KV, DH)  # (KV, G, Dh)
+    s = torch.matmul(qg, k_cache.transpose(1, 2)).float() * scaling  # (KV, G, S)
+    s = s.masked_fill(~valid, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v_cache).reshape(H * DH)
+
+
+@torch.library.custom_op("mobiquant::silu_mul", mutates_args=())
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u (LLaMA's MLP between gate/up and down)."""
+    if _use_triton(g):
+        from mobiquant.kernels.decode_step import silu_mul as launch
+
+        return launch(g, u)
+    return silu_mul_ref(g, u)
+
+
+@silu_mul.register_fake
+def _(g, u):
+    return torch.empty_like(g)
+
+
+def silu_mul_ref(g, u):
+    """Pure torch twin of ``silu_mul``."""
+    return torch.nn.functional.silu(g) * u
+
+
+__all__ = ["sliced_linear", "sliced_linear_ref", "sliced_linear_multi", "sliced_linear_multi_ref", "route_counts",
+           "route_counts_ref", "router_scores", "counts_from_scores", "kernel_compatible", "triton_available",
+           "add_rms_norm", "add_rms_norm_ref", "rope_kv", "rope_kv_ref", "decode_attention", "decode_attention_ref",
+           "silu_mul", "silu_mul_ref"]

@@ -99,6 +99,39 @@ def test_kernel_path_matches_dense_path(tiny_llama, routed_model):
     assert torch.isfinite(l1).all()
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_fused_decode_glue_matches_torch_glue(fixture, routed_model, request):
+    """fuse_glue (add_rms_norm, rope_kv, decode_attention, silu_mul) and fuse_linears (q/k/v and gate/up in one
+    launch each) against the same engine with the torch glue and one launch per linear: the same kernels otherwise,
+    fp16, a budget and uniform k, 4 decode steps each (qwen2: q/k/v biases)."""
+    pytest.importorskip("triton")
+    model = routed_model(request.getfixturevalue(fixture)).half().to(DEVICE)
+    ef = DecodeEngine(model, 24, use_kernels=True, capture=False, fuse_glue=True)  # q/k/v, gate/up: one launch
+    et = DecodeEngine(model, 24, use_kernels=True, capture=False, fuse_glue=False)
+    assert ef.fuse_glue and ef.fuse_linears and not et.fuse_glue and ef.multi[0].keys() == {"qkv", "gu"}
+    ids = torch.randint(0, 96, (3,), device=DEVICE)
+    agree = []
+    for setup in (lambda e: e.set_budget(5.0), lambda e: e.set_k(2)):
+        for e in (ef, et):
+            setup(e)
+            e.prefill(ids)
+        for _ in range(4):
+            tok = int(torch.randint(0, 96, (1,)))
+            (l1, c1), (l2, c2) = ef.decode(tok), et.decode(tok)
+            torch.testing.assert_close(l1, l2, atol=5e-3 * l2.abs().max().item(), rtol=0)
+            agree.append((c1 == c2).float().mean().item())
+        assert torch.equal(ef.k_cache[:, :, :7], et.k_cache[:, :, :7])  # rotary and cache writes: same roundings
+    assert sum(agree) / len(agree) > 0.9  # fp16 activations: a score next to τ may fall either side
+
+
+def test_fused_glue_needs_a_fitting_model(tiny_llama):
+    from mobiquant import MoBiQuantError
+
+    with pytest.raises(MoBiQuantError, match="fuse_glue"):
+        DecodeEngine(tiny_llama, 16, capture=False, fuse_glue=True)  # fp32 weights
+    assert not DecodeEngine(tiny_llama, 16, capture=False).fuse_glue  # CPU default: off
+
+
 def test_unrouted_model_and_errors(tiny_llama):
     from mobiquant import MoBiQuantConfig, MoBiQuantError, quantize_
 

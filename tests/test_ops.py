@@ -85,6 +85,64 @@ def test_fake_shapes():
     assert c.shape == (2,) and c.dtype == torch.int32
 
 
+def glue_args(seed=0, H=4, KV=2, DH=16, S=12, pos=5):
+    gen = torch.Generator().manual_seed(seed)
+    t = lambda *sh: torch.randn(*sh, generator=gen).half().to(DEVICE)
+    p = torch.tensor([pos], device=DEVICE)
+    return dict(h=t(1, 64), r=t(1, 64), w=t(64), q=t(1, H * DH), k=t(1, KV * DH), v=t(1, KV * DH), cos=t(S, DH),
+                sin=t(S, DH), pos=p, kc=t(KV, S, DH), vc=t(KV, S, DH), qr=t(H, DH), g=t(1, 40), u=t(1, 40))
+
+
+def test_decode_glue_opcheck():
+    a = glue_args()
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.mobiquant.add_rms_norm.default, (a["h"], a["r"], a["w"], 1e-5), test_utils=tests)
+    torch.library.opcheck(torch.ops.mobiquant.add_rms_norm.default, (a["h"], None, a["w"], 1e-5), test_utils=tests)
+    torch.library.opcheck(torch.ops.mobiquant.rope_kv.default,
+                          (a["q"], a["k"], a["v"], a["cos"], a["sin"], a["pos"], a["kc"], a["vc"]), test_utils=tests)
+    torch.library.opcheck(torch.ops.mobiquant.decode_attention.default,
+                          (a["qr"], a["kc"], a["vc"], a["pos"], 0, 0.25), test_utils=tests)
+    torch.library.opcheck(torch.ops.mobiquant.silu_mul.default, (a["g"], a["u"]), test_utils=tests)
+
+
+def test_decode_glue_ops_match_references():
+    for seed in range(2):
+        a = glue_args(seed + 3)
+        for x, y in zip(torch.ops.mobiquant.add_rms_norm(a["h"], a["r"], a["w"], 1e-5),
+                        ops.add_rms_norm_ref(a["h"], a["r"], a["w"], 1e-5)):
+            torch.testing.assert_close(x.float(), y.float(), atol=2e-3 * y.abs().max().item(), rtol=0)
+        kc2, vc2 = a["kc"].clone(), a["vc"].clone()
+        q1 = torch.ops.mobiquant.rope_kv(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["pos"], a["kc"], a["vc"])
+        q2 = ops.rope_kv_ref(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["pos"], kc2, vc2)
+        assert torch.equal(q1, q2) and torch.equal(a["kc"], kc2) and torch.equal(a["vc"], vc2)
+        o1 = torch.ops.mobiquant.decode_attention(q1, a["kc"], a["vc"], a["pos"], 3, 0.25)
+        o2 = ops.decode_attention_ref(q1, a["kc"], a["vc"], a["pos"], 3, 0.25)
+        torch.testing.assert_close(o1.float(), o2.float(), atol=2e-3 * o2.abs().max().item(), rtol=0)
+        y1, y2 = torch.ops.mobiquant.silu_mul(a["g"], a["u"]), ops.silu_mul_ref(a["g"], a["u"])
+        torch.testing.assert_close(y1.float(), y2.float(), atol=2e-3 * y2.abs().max().item(), rtol=0)
+
+
+def multi_args(seed=0, bias=True):
+    Ps = [packed_weight(N, 256, 128, seed + i) for i, N in enumerate((48, 16, 16))]
+    gen = torch.Generator().manual_seed(seed + 5)
+    x = torch.randn(1, 256, generator=gen).half().to(DEVICE)
+    k = torch.randint(1, 5, (1, 3), generator=gen, dtype=torch.int32).to(DEVICE)
+    b = torch.randn(80, generator=gen).half().to(DEVICE) if bias else None
+    return (x, [P.qweight for P in Ps], [P.scale for P in Ps], [P.zero for P in Ps], k, b, 128), Ps
+
+
+def test_sliced_linear_multi_opcheck_and_reference():
+    args, _ = multi_args()
+    torch.library.opcheck(torch.ops.mobiquant.sliced_linear_multi.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    for seed, bias in ((1, True), (2, False)):  # fresh inputs; each weight at its own k
+        args, Ps = multi_args(10 * seed, bias)
+        y = torch.ops.mobiquant.sliced_linear_multi(*args)
+        ref = ops.sliced_linear_multi_ref(args[0], Ps, args[4], args[5]).float()
+        assert y.shape == (1, 80)
+        torch.testing.assert_close(y.float(), ref, atol=1e-3 * ref.abs().max().item(), rtol=0)
+
+
 def test_kernel_compatible():
     assert ops.kernel_compatible((2, 2, 2, 2), 4096, 128)
     assert ops.kernel_compatible((2,), 4096, 32)

@@ -1,5 +1,6 @@
 """The fused decode-time router kernel (kernels/router.py) against the pure-torch reference (mobiquant.ops): fresh
-random routers and inputs, irregular K and hidden sizes, nested and band allocations, given counts."""
+random routers and inputs, irregular K and hidden sizes, nested and band allocations, given counts, K split over
+1..13 programs per router (uneven last chunk, non-power-of-two split counts)."""
 
 import pytest
 import torch
@@ -28,9 +29,11 @@ def routers(R, H, K, E, seed):
     return rs, [t.to(DEVICE) for t in (s, w1, b1, w2, b2)]
 
 
-@pytest.mark.parametrize("R,H,K,E", [(3, 16, 320, 4), (1, 8, 200, 4), (2, 5, 96, 3), (2, 16, 64, 6)])
+@pytest.mark.parametrize("R,H,K,E", [(3, 16, 320, 4), (1, 8, 200, 4), (2, 5, 96, 3), (2, 16, 64, 6),
+                                     (2, 16, 1000, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_router_kernel_matches_mobiroute(R, H, K, E, dtype):
+@pytest.mark.parametrize("chunk_k", [None, 80, 1 << 20])  # default (256), 2..13 programs per router, one per router
+def test_router_kernel_matches_mobiroute(R, H, K, E, dtype, chunk_k):
     for seed in range(3):
         rs, (s, w1, b1, w2, b2) = routers(R, H, K, E, seed)
         x = torch.randn(K).to(dtype).to(DEVICE)
@@ -40,7 +43,7 @@ def test_router_kernel_matches_mobiroute(R, H, K, E, dtype):
         off = torch.zeros(E - 1, dtype=torch.bool, device=DEVICE)
         given = torch.zeros(R, dtype=torch.bool, device=DEVICE)
         cin = torch.ones(R, dtype=torch.int32, device=DEVICE)
-        out = route_counts(x, s, w1, b1, w2, b2, tau.to(DEVICE), off, off, given, cin)
+        out = route_counts(x, s, w1, b1, w2, b2, tau.to(DEVICE), off, off, given, cin, chunk_k=chunk_k)
         expect = torch.stack([nested_counts(scores[r], tau[r]) for r in range(R)]).int()
         assert torch.equal(out.cpu(), expect)
 
@@ -62,3 +65,29 @@ def test_band_forcing_and_given_counts():
             assert torch.equal(out, route_counts_ref(*args))
             free = ~given.cpu()
             assert ((out.cpu()[free] >= max(band, 1)) & (out.cpu()[free] <= band + 1)).all()
+
+
+@pytest.mark.parametrize("chunk_k", [None, 48])
+def test_split_router_equals_reference_on_fresh_inputs(chunk_k):
+    """Irregular shapes, some routers given, fp32 weights (as the engine stacks them); counts equal the reference
+    and the split counters are left at zero (the next launch starts clean)."""
+    from mobiquant.kernels import router as rk
+
+    g = torch.Generator().manual_seed(int(chunk_k or 0) + 17)
+    for R, H, K, E in [(3, 16, 712, 4), (1, 7, 1000, 3), (2, 16, 4096, 4)]:
+        s = (torch.rand(R, K, generator=g) + 0.5).to(DEVICE)
+        w1 = (torch.randn(R, H, K, generator=g) * K ** -0.5).to(DEVICE)
+        b1 = (torch.randn(R, H, generator=g) * 0.1).to(DEVICE)
+        w2 = (torch.randn(R, E - 1, H, generator=g) * H ** -0.5).to(DEVICE)
+        b2 = torch.zeros(R, E - 1).to(DEVICE)
+        x = torch.randn(K, generator=g).half().to(DEVICE)
+        tau = (router_scores(x[None], s, w1, b1, w2, b2)[0, :, 0] + 1e-2).to(DEVICE)
+        tau[0] -= 2e-2  # one router just below its score, the others just above
+        off = torch.zeros(E - 1, dtype=torch.bool, device=DEVICE)
+        given = (torch.arange(R) == R - 1).to(DEVICE) if R > 1 else torch.zeros(1, dtype=torch.bool, device=DEVICE)
+        cin = torch.randint(1, E + 1, (R,), generator=g, dtype=torch.int32).to(DEVICE)
+        args = (x, s, w1, b1, w2, b2, tau, off, off, given, cin)
+        y = torch.full((R,), -7, dtype=torch.int32, device=DEVICE)  # every count must be written
+        route_counts(*args, out=y, chunk_k=chunk_k)
+        assert torch.equal(y, route_counts_ref(*args))
+        assert int(rk._SCRATCH[(x.device.type, x.device.index)][1][:R].abs().sum()) == 0

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, tol  # noqa: E402
 from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_linear  # noqa: E402
-from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text  # noqa: E402
+from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text, default_config_cc  # noqa: E402
 
 _SEED = iter(range(40_000, 50_000))
 
@@ -54,6 +54,51 @@ def test_mixed_k_four_tokens():
 ])
 def test_split_k_and_variants(config):
     run_case(130, 640, 128, [1, 3, 4, 2], config)
+
+
+def run_multi(Ns, K, g, kmat, config=None):
+    """Weights of one input in one launch: y = [x Ŵ_s,k[:, s]ᵀ]_s against the dense reference of each."""
+    parts, packs = [], []
+    for _ in Ns:
+        seed = next(_SEED)
+        parts.append(make_weight(Ns[len(packs)], K, g, seed, DEVICE))
+        packs.append(pack_slices(*parts[-1][:3]))
+    gen = torch.Generator().manual_seed(next(_SEED))
+    M = len(kmat)
+    x = torch.randn(M, K, generator=gen).half().to(DEVICE)
+    k = torch.tensor(kmat, dtype=torch.int32, device=DEVICE)  # (M, S)
+    y = torch.full((M, sum(Ns)), float("nan"), dtype=torch.float16, device=DEVICE)
+    config = config or default_config_cc(M, sum(Ns), K, g)  # the same split-K for the single launches below
+    sliced_gemv_cc(x, packs, k, out=y, config=config)
+    ref = torch.cat([reference(x, c, s1, z1, [row[s] for row in kmat])
+                     for s, (_, s1, z1, c) in enumerate(parts)], dim=1)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float().cpu(), ref, atol=tol(torch.float16) * ref.abs().max().item(), rtol=0)
+    for s, p in enumerate(packs):  # each part equals its own single-weight launch at the same config
+        lo = sum(Ns[:s])
+        one = sliced_gemv_cc(x, p, k[:, s].contiguous(), config=config)
+        assert torch.equal(y[:, lo:lo + Ns[s]], one)
+
+
+@pytest.mark.parametrize("Ns,kmat,config", [
+    ((96, 40, 40), [[3, 1, 4]], None),  # q/k/v-like, 40 rows: partial last tiles in the middle of y
+    ((72, 130), [[2, 4], [1, 1]], dict(BLOCK_N=32, GPI=1, SPLIT_K=3, num_warps=4, PF=1)),  # gate/up-like, 2 tokens
+    ((64, 64, 17), [[4, 2, 1]], dict(BLOCK_N=64, GPI=2, SPLIT_K=2, num_warps=4, PF=0)),
+])
+def test_several_weights_one_launch(Ns, kmat, config):
+    run_multi(Ns, 384, 128, kmat, config)
+
+
+def test_several_weights_reject_bad_arguments():
+    p = pack_slices(*make_weight(16, 128, 128, 1, DEVICE)[:3])
+    q = pack_slices(*make_weight(16, 256, 128, 2, DEVICE)[:3])
+    x = torch.randn(1, 128).half().to(DEVICE)
+    with pytest.raises(ValueError):
+        sliced_gemv_cc(x, [p, p], torch.ones(1, dtype=torch.int32, device=DEVICE))  # k must be (M, 2)
+    with pytest.raises(ValueError):
+        sliced_gemv_cc(x, [p, q], torch.ones(1, 2, dtype=torch.int32, device=DEVICE))  # different K
+    with pytest.raises(ValueError):
+        sliced_gemv_cc(x, [p] * 4, torch.ones(1, 4, dtype=torch.int32, device=DEVICE))
 
 
 def test_group_64():
@@ -160,6 +205,13 @@ def test_h2_constants_are_fp16():
 @pytest.mark.parametrize("kv", [[1], [2], [3], [4], [4, 1, 3, 2]])
 def test_gpu_llama_shapes(N, K, kv):
     run_case(N, K, 128, kv)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Ns,kmat", [((4096, 1024, 1024), [[2, 1, 4]]), ((14336, 14336), [[1, 3]])])
+def test_gpu_several_weights_llama_shapes(Ns, kmat):
+    run_multi(Ns, 4096, 128, kmat)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,209 @@
+"""The small kernels of one decode step (one token), fused: what sits between the linears of a LLaMA block.
+
+The decode engine (mobiquant/engine.py) ran this glue as HF's modules and plain torch ops: per block two RMSNorms of
+~7 launches each, two residual adds, rotary embedding (~5 launches each for q and k), two cache writes, attention
+over the static cache (~7 launches) and SiLU·up (2), about 40 launches per block and 1,300 per token. Inside a CUDA
+graph each costs 2-3 µs whatever its size (KERNEL_NOTES.md, "decode step profile"). Here the same functions take 5
+launches per block:
+
+    add_rms_norm(h, r, w, eps)   h' = h + r (the residual add, optional); x = w * rmsnorm(h')      (D,) -> (D,), (D,)
+    rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache)
+                                 q, k rotated at position pos (HF's rotate_half convention); k and v written into
+                                 the caches at pos; returns q rotated                        (H*Dh,) -> (H, Dh)
+    decode_attention(q, k_cache, v_cache, pos, window, scaling)
+                                 one query per head against cache slots j <= pos (and j > pos - window), GQA
+                                 (head h reads kv head h // (H / KV))                          (H, Dh) -> (H*Dh,)
+    silu_mul(g, u)               silu(g) * u                                                    (N,) -> (N,)
+
+Rounding follows the torch code they replace, step by step, so that the fused step matches the unfused one to
+rounding of sums: every fp16/bf16 result of torch (a product, a sum, the normalised activation, the attention
+score out of the q·k matmul, the softmax probabilities) is rounded to the activation dtype at the same place here;
+the math in between is fp32, as torch's. What differs is the order of the fp32 sums (mean of squares, dot
+products, softmax sum), so results agree to ~1 ulp of the activation dtype, not bit for bit.
+
+Tensors are contiguous, on one device; pos is a device tensor (int64, one element), read by the kernels, so that a
+captured graph replays at any position. The pure-torch twins are in mobiquant/ops.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ------------------------------------------------------------------------------------------ add + RMSNorm
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, h_out_ptr, x_out_ptr, D, eps, HAS_R: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    if HAS_R:  # residual add, rounded to the activation dtype as torch's h + r
+        h = (h.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
+    tl.store(h_out_ptr + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    n = (hf * rstd).to(h.dtype)  # HF: hidden_states.to(input_dtype), then weight * it
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(x_out_ptr + offs, (w.to(tl.float32) * n.to(tl.float32)).to(x_out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + r, w * rmsnorm(h + r)) for one token h (..., D); r None: no add (the first output is a copy of h)."""
+    D = h.shape[-1]
+    if h.numel() != D or (r is not None and r.numel() != D) or w.numel() != D:
+        raise ValueError(f"add_rms_norm: one token of {D} features, got h {tuple(h.shape)}, w {tuple(w.shape)}")
+    h_out = torch.empty_like(h)
+    x_out = torch.empty_like(h)
+    BLOCK = triton.next_power_of_2(D)
+    _add_rms_norm_kernel[(1,)](h, r if r is not None else h, w, h_out, x_out, D, float(eps), HAS_R=r is not None,
+                               BLOCK=BLOCK, num_warps=max(1, min(16, BLOCK // 512)))
+    return h_out, x_out
+
+
+# ------------------------------------------------------------------------------------------ rotary + cache write
+@triton.jit
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, q_out_ptr, S,
+                    H: tl.constexpr, KV: tl.constexpr, DH: tl.constexpr, HALF_P: tl.constexpr):
+    """Program i: query head i (i < H), key head i - H (rotated, cached), value head i - H - KV (cached)."""
+    i = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    HALF: tl.constexpr = DH // 2
+    offs = tl.arange(0, HALF_P)
+    mask = offs < HALF
+    if i < H + KV:
+        if i < H:
+            src = q_ptr + i * DH
+        else:
+            src = k_ptr + (i - H) * DH
+        x1 = tl.load(src + offs, mask=mask, other=0.0)  # first half of the head
+        x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
+        c1 = tl.load(cos_ptr + pos * DH + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos * DH + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos * DH + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos * DH + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        dt = x1.dtype
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded as torch's
+        y1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
+        y2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+        if i < H:
+            dst = q_out_ptr + i * DH
+        else:
+            dst = kc_ptr + ((i - H) * S + pos) * DH
+        tl.store(dst + offs, y1, mask=mask)
+        tl.store(dst + HALF + offs, y2, mask=mask)
+    else:
+        j = i - H - KV
+        dst = vc_ptr + (j * S + pos) * DH
+        tl.store(dst + offs, tl.load(v_ptr + j * DH + offs, mask=mask), mask=mask)
+        tl.store(dst + HALF + offs, tl.load(v_ptr + j * DH + HALF + offs, mask=mask), mask=mask)
+
+
+def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """q (H*Dh) rotated -> (H, Dh); k rotated and v written into k_cache / v_cache (KV, S, Dh) at slot pos.
+    cos, sin: (S, Dh) tables; pos: (1,) int64 on the device."""
+    KV, S, DH = k_cache.shape
+    H = q.numel() // DH
+    if q.numel() != H * DH or k.numel() != KV * DH or v.numel() != KV * DH or cos.shape != (S, DH) or DH % 2:
+        raise ValueError(f"rope_kv: q {tuple(q.shape)}, k {tuple(k.shape)}, cache {tuple(k_cache.shape)}, "
+                         f"cos {tuple(cos.shape)} do not fit")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rope_kv: the caches must be contiguous")
+    q_out = torch.empty(H, DH, dtype=q.dtype, device=q.device)
+    # enable_fp_fusion=False: the compiler narrows (fp16 product).to(fp16) + ... to fp16 math and would then
+    # contract product and sum into one fma, skipping the product's rounding that torch does
+    _rope_kv_kernel[(H + 2 * KV,)](q, k, v, cos, sin, pos, k_cache, v_cache, q_out, S, H=H, KV=KV, DH=DH,
+                                   HALF_P=triton.next_power_of_2(DH // 2), num_warps=1, enable_fp_fusion=False)
+    return q_out
+
+
+# ------------------------------------------------------------------------------------------ attention
+@triton.jit
+def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, scaling, G: tl.constexpr,
+                             DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program h: query head h against kv head h // G, two passes over the valid slots (max and sum, then the
+    probabilities rounded to the activation dtype as torch's softmax(...).to(dtype), times V)."""
+    h = tl.program_id(0)
+    kv = h // G
+    pos = tl.load(pos_ptr).to(tl.int32)
+    lo = tl.where(WINDOW > 0, tl.maximum(pos - WINDOW + 1, 0), 0)
+    offs_d = tl.arange(0, DP)
+    d_mask = offs_d < DH
+    q = tl.load(q_ptr + h * DH + offs_d, mask=d_mask, other=0.0)
+    dt = q.dtype
+    qf = q.to(tl.float32)
+    kbase = kc_ptr + kv * S * DH
+    vbase = vc_ptr + kv * S * DH
+    start = (lo // BLOCK_S) * BLOCK_S
+    m = tl.full((BLOCK_S,), float("-inf"), tl.float32)  # per-lane running max and sum, combined at the end
+    l = tl.zeros((BLOCK_S,), tl.float32)
+    for j0 in range(start, pos + 1, BLOCK_S):
+        offs_s = j0 + tl.arange(0, BLOCK_S)
+        valid = (offs_s >= lo) & (offs_s <= pos)
+        kt = tl.load(kbase + offs_s[:, None] * DH + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                     other=0.0).to(tl.float32)  # (BLOCK_S, DP)
+        sc = tl.sum(kt * qf[None, :], axis=1).to(dt).to(tl.float32) * scaling  # the q·k matmul's output dtype
+        sc = tl.where(valid, sc, float("-inf"))
+        m_new = tl.maximum(m, sc)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no valid slot yet: exp(-inf) = 0
+        l = l * tl.exp(m - m_ref) + tl.exp(sc - m_ref)
+        m = m_new
+    m_all = tl.max(m, axis=0)  # finite: slot pos is always valid
+    l_all = tl.sum(l * tl.exp(m - m_all), axis=0)
+    acc = tl.zeros((DP,), tl.float32)
+    for j0 in range(start, pos + 1, BLOCK_S):
+        offs_s = j0 + tl.arange(0, BLOCK_S)
+        valid = (offs_s >= lo) & (offs_s <= pos)
+        mk = valid[:, None] & d_mask[None, :]
+        kt = tl.load(kbase + offs_s[:, None] * DH + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
+        sc = tl.where(valid, tl.sum(kt * qf[None, :], axis=1).to(dt).to(tl.float32) * scaling, float("-inf"))
+        p = (tl.exp(sc - m_all) / l_all).to(dt).to(tl.float32)  # masked slots: exp(-inf) = 0
+        vt = tl.load(vbase + offs_s[:, None] * DH + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
+        acc += tl.sum(p[:, None] * vt, axis=0)
+    tl.store(o_ptr + h * DH + offs_d, acc.to(dt), mask=d_mask)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     window: int, scaling: float) -> torch.Tensor:
+    """o (H*Dh,) of one token: q (H, Dh) against the cache slots pos - window < j <= pos (window 0: all j <= pos)."""
+    KV, S, DH = k_cache.shape
+    H = q.numel() // DH
+    if q.numel() != H * DH or H % KV or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)} do not fit")
+    o = torch.empty(H * DH, dtype=q.dtype, device=q.device)
+    DP = triton.next_power_of_2(DH)
+    _decode_attention_kernel[(H,)](q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV,
+                                   DH=DH, DP=DP, BLOCK_S=max(16, min(64, 8192 // DP)), num_warps=4)
+    return o
+
+
+# ------------------------------------------------------------------------------------------ SiLU · up
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)  # act_fn(g), rounded as torch's silu
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (a * u).to(g.dtype), mask=mask)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u, elementwise (same shapes)."""
+    if g.shape != u.shape:
+        raise ValueError(f"silu_mul: g {tuple(g.shape)} and u {tuple(u.shape)} differ")
+    if not (g.is_contiguous() and u.is_contiguous()):
+        raise ValueError("silu_mul: g and u must be contiguous")
+    y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    N = g.numel()
+    BLOCK = 1024
+    _silu_mul_kernel[(triton.cdiv(N, BLOCK),)](g, u, y, N, BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+__all__ = ["add_rms_norm", "rope_kv", "decode_attention", "silu_mul"]

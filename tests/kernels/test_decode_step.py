@@ -1,0 +1,104 @@
+"""The fused decode-step glue (kernels/decode_step.py) against its pure-torch twins (mobiquant.ops *_ref): fresh
+random inputs for every case, irregular sizes (feature counts and head sizes that are not powers of two, positions at
+both ends of the cache, a sliding window), fp16 and bf16, NaN-poisoned caches and outputs."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import DEVICE  # noqa: E402
+from mobiquant.kernels import decode_step as ds  # noqa: E402
+
+from mobiquant import ops  # noqa: E402
+
+# Triton's interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest; seen with triton 3.9), so
+# the bf16 cases, whose point is the rounding, run on a GPU only.
+DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="the interpreter truncates fp32 -> bf16"))]
+_SEED = iter(range(70_000, 80_000))
+
+
+def rnd(*shape, dtype=torch.float16, scale=1.0):
+    g = torch.Generator().manual_seed(next(_SEED))
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def ulps(dtype):
+    return 1e-2 if dtype == torch.bfloat16 else 1.5e-3  # ~1-2 ulp of the activation dtype, relative to the max
+
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 1000, 4096])
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rms_norm(dtype, D, residual):
+    for _ in range(2):
+        h, w = rnd(1, D, dtype=dtype, scale=3.0), rnd(D, dtype=dtype)
+        r = rnd(1, D, dtype=dtype) if residual else None
+        hn, x = ds.add_rms_norm(h, r, w, 1e-5)
+        hr, xr = ops.add_rms_norm_ref(h, r, w, 1e-5)
+        assert torch.equal(hn, hr)  # the add is one rounding either way
+        torch.testing.assert_close(x.float(), xr.float(), atol=ulps(dtype) * xr.abs().max().item(), rtol=0)
+
+
+def rope_case(H, KV, DH, S, pos, dtype):
+    q, k, v = rnd(1, H * DH, dtype=dtype), rnd(1, KV * DH, dtype=dtype), rnd(1, KV * DH, dtype=dtype)
+    ang = torch.rand(S, DH // 2, generator=torch.Generator().manual_seed(next(_SEED))) * 6.3
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype).to(DEVICE)  # HF's tables repeat the half
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype).to(DEVICE)
+    p = torch.tensor([pos], device=DEVICE)
+    caches = [torch.full((KV, S, DH), float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
+    qo = ds.rope_kv(q, k, v, cos, sin, p, caches[0], caches[1])
+    qr = ops.rope_kv_ref(q, k, v, cos, sin, p, caches[2], caches[3])
+    return qo, qr, caches, pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KV,DH,S,pos", [(6, 2, 48, 40, 0), (6, 2, 48, 40, 39), (8, 8, 128, 17, 5),
+                                          (4, 1, 20, 9, 3)])
+def test_rope_kv(dtype, H, KV, DH, S, pos):
+    qo, qr, (kc, vc, kr, vr), pos = rope_case(H, KV, DH, S, pos, dtype)
+    assert qo.shape == qr.shape == (H, DH)
+    assert torch.equal(qo, qr)  # the same roundings, step by step
+    assert torch.equal(kc[:, pos], kr[:, pos]) and torch.equal(vc[:, pos], vr[:, pos])
+    others = torch.arange(S, device=DEVICE) != pos
+    assert kc[:, others].isnan().all() and vc[:, others].isnan().all()  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,KV,DH,S,pos,window", [(6, 2, 48, 40, 0, 0), (6, 2, 48, 40, 39, 0), (8, 2, 128, 200, 130, 0),
+                                                  (4, 4, 20, 33, 20, 7), (4, 1, 64, 64, 63, 64)])
+def test_decode_attention(dtype, H, KV, DH, S, pos, window):
+    q = rnd(H, DH, dtype=dtype, scale=2.0)
+    kc, vc = rnd(KV, S, DH, dtype=dtype), rnd(KV, S, DH, dtype=dtype)
+    valid = torch.arange(S) <= pos
+    if window:
+        valid &= torch.arange(S) > pos - window
+    kc[:, ~valid.to(DEVICE)] = float("nan")  # slots outside the window must never be read
+    vc[:, ~valid.to(DEVICE)] = float("nan")
+    p = torch.tensor([pos], device=DEVICE)
+    o = ds.decode_attention(q, kc, vc, p, window, DH ** -0.5)
+    ref = ops.decode_attention_ref(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), p, window, DH ** -0.5)
+    assert o.shape == (H * DH,) and torch.isfinite(o).all()
+    torch.testing.assert_close(o.float(), ref.float(), atol=ulps(dtype) * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 1000, 14336])
+def test_silu_mul(dtype, N):
+    g, u = rnd(1, N, dtype=dtype, scale=4.0), rnd(1, N, dtype=dtype)
+    y = ds.silu_mul(g, u)
+    ref = ops.silu_mul_ref(g, u)
+    torch.testing.assert_close(y.float(), ref.float(), atol=ulps(dtype) * ref.abs().max().item(), rtol=0)
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        ds.add_rms_norm(rnd(2, 64), None, rnd(64), 1e-5)  # two tokens
+    with pytest.raises(ValueError):
+        ds.silu_mul(rnd(1, 8), rnd(1, 9))
+    kc = rnd(2, 8, 16)
+    with pytest.raises(ValueError):
+        ds.decode_attention(rnd(3, 16), kc, kc, torch.tensor([0], device=DEVICE), 0, 0.25)  # 3 heads over 2 kv
