@@ -5,10 +5,11 @@
                                                                # later runs: the cached checkpoint, in seconds
 
 On the CPU the dense weights of every precision are built at start-up, in fp16 (about 203 MiB per precision for the
-embedded model, half the bytes per decode step of fp32): the slider then switches precision without a pause. Decoding uses the per-layer thresholds (a
-table lookup per token). A checkpoint calibrated with the "adaptive" threshold mode keeps its table for evaluation;
-the playground switches it to "layer" because the adaptive mode re-sorts every linear's score history at every
-token, which a 2-core CPU cannot afford while streaming.
+embedded model, half the bytes per decode step of fp32): the slider then switches precision without a pause. A
+checkpoint calibrated with the "adaptive" threshold mode keeps its table for evaluation; the playground decodes with
+the "balanced" thresholds instead (route.py: a table lookup and a per-token tally; "layer" for the nested allocation),
+because the adaptive mode re-sorts every linear's score history at every token, which a 2-core CPU cannot afford
+while streaming.
 
 The cache lives in ``$MOBIQUANT_CACHE/app`` (default ``~/.cache/mobiquant/app``), one directory per model, slice list
 and group size; delete it to recalibrate. The outlier view compares against the full-precision weights: kept from the
@@ -50,7 +51,8 @@ def _for_decoding(model):
     from mobiquant.route import attach_thresholds_
 
     if getattr(model, "mobiquant_thresholds", "layer") == "adaptive":
-        attach_thresholds_(model, "layer", getattr(model, "mobiquant_allocation", "band"))
+        allocation = getattr(model, "mobiquant_allocation", "band")
+        attach_thresholds_(model, "balanced" if allocation == "band" else "layer", allocation)
     if next(model.parameters()).device.type == "cpu":  # every precision ready before the first request, in fp16
         set_dense_cache_(model, True, build=True, dtype=torch.float16)
         head = getattr(model, "lm_head", None)

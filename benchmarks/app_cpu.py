@@ -1,5 +1,5 @@
 """The playground's speed as a user sees it (issue #4): time to first token and streamed tokens/s through the server,
-every panel on (coloured text and metrics every token, plots every second), on this machine's CPU.
+every panel on (coloured text and metrics every 0.1 s, plots every 2 s), on this machine's CPU.
 
     python benchmarks/app_cpu.py [--checkpoint DIR] [--new-tokens 64] [--runs 3]
 
@@ -88,7 +88,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "checkpoint": args.checkpoint or "embedded model, cached --fast checkpoint",
-        "new_tokens": args.new_tokens, "mode": "router", "panels": "all (text+metrics per token, plots every 1 s)"},
+        "new_tokens": args.new_tokens, "mode": "router", "panels": "all (text and metrics every 0.1 s, plots every 2 s: app/app.py)"},
         "rows": rows, "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -143,7 +143,9 @@ def main() -> None:
             print(json.dumps(d), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         low, high = model.mobiquant_config.precisions[0], model.mobiquant_config.precisions[-1]
-        for other in [m for m in THRESHOLD_MODES if m != model.mobiquant_config.thresholds]:
+        allocation = model.mobiquant_config.allocation
+        for other in [m for m in THRESHOLD_MODES if m != model.mobiquant_config.thresholds
+                      and (m != "balanced" or allocation == "band")]:  # balanced is a band-allocation mode
             attach_thresholds_(model, other, model.mobiquant_config.allocation)
             for b in [b for b in budgets if low < b < high]:
                 ppl, realized, tokens, sec = setup.routed_ppl(b, "router", f"{other} {b:g}b")

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--epochs", type=int, default=None, help="epochs per stage")
     ca.add_argument("--fast", action="store_true", help="the quick recipe the app runs on first launch")
     ca.add_argument("--next-input", choices=["quantized", "fp"], default=None)
-    ca.add_argument("--thresholds", choices=["layer", "global", "adaptive", "balanced"], default="adaptive")
+    ca.add_argument("--thresholds", choices=["layer", "global", "adaptive", "balanced"], default=None,
+                    help="default: balanced (band allocation), layer (nested)")
     ca.add_argument("--allocation", choices=["band", "nested"], default="band")
     ca.add_argument("--seed", type=int, default=0)
     _add_quant_args(ca)
@@ -177,7 +178,8 @@ def cmd_calibrate(args) -> int:
     from .io import save_quantized
     from .models import load_model
 
-    config = dataclasses.replace(_config(args), thresholds=args.thresholds, allocation=args.allocation)
+    thresholds = args.thresholds or ("balanced" if args.allocation == "band" else "layer")
+    config = dataclasses.replace(_config(args), thresholds=thresholds, allocation=args.allocation)
     overrides = {k: v for k, v in {"calib": args.calib, "samples": args.samples, "seqlen": args.seqlen,
                                    "epochs": args.epochs, "next_input": args.next_input, "seed": args.seed}.items()
                  if v is not None}

@@ -46,7 +46,7 @@ class MoBiQuantConfig:
     group_size: int | None = None
     modules: tuple[str, ...] | None = None
     router_hidden: int = 16
-    thresholds: str = "adaptive"
+    thresholds: str = "balanced"
     allocation: str = "band"
     version: int = CONFIG_VERSION
     extra: dict = field(default_factory=dict)  # free-form provenance (source model, ...); not used for math

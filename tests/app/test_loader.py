@@ -15,7 +15,7 @@ def test_first_run_calibrates_and_caches_then_reuses(tiny_dir):
     first = load_served(str(tiny_dir), config=config, progress=False)
     assert first.checkpoint == app_cache_dir(str(tiny_dir), config)
     assert all(m.router is not None for m in quantized_linears(first.model).values())
-    assert first.model.mobiquant_thresholds == "layer"  # decoding uses the per-layer table
+    assert first.model.mobiquant_thresholds == "balanced"  # decoding: per-layer table and per-token tally
     name = next(iter(quantized_linears(first.model)))
     w_first = first.fp_weight(name)  # kept from the calibration run
     second = load_served(str(tiny_dir), config=config, progress=False)  # from the cache, no calibration
