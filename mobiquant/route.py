@@ -109,7 +109,7 @@ class ThresholdTable:
         self._lock = threading.Lock()
         sizes = [m.in_features * m.out_features for m in self.linears.values()]
         self._unit = {n: len(sizes) * s / max(sum(sizes), 1) for n, s in zip(self.linears, sizes)}  # weights / mean
-        self._cdf: dict[tuple[str, int], torch.Tensor] = {}
+        self._cdf: dict[tuple, torch.Tensor | list[float]] = {}  # (name, k_hi, device or "list") -> sorted scores
 
     def _prior(self, name: str, bits: float) -> torch.Tensor:
         m = self.linears[name]
@@ -191,20 +191,21 @@ class ThresholdTable:
 
     def _quantile(self, name: str, k_hi: int, s: torch.Tensor) -> torch.Tensor:
         """F(s): the fraction of the layer's calibration tokens whose score for slice k_hi is below s."""
-        key = (name, k_hi)
+        key = (name, k_hi, s.device)
         cdf = self._cdf.get(key)
         if cdf is None:
-            cdf = self._cdf[key] = self.linears[name].router.calib_scores[:, k_hi - 2].float().sort().values
-        cdf = cdf.to(s.device)
+            cdf = self._cdf[key] = self._sorted_calib(name, k_hi).to(s.device)
         return torch.searchsorted(cdf, s.float().contiguous()).float() / cdf.numel()
 
     def _cdf_list(self, name: str, k_hi: int) -> list[float]:
         key = (name, k_hi, "list")
         cdf = self._cdf.get(key)
         if cdf is None:
-            self._quantile(name, k_hi, torch.zeros(1))
-            cdf = self._cdf[key] = self._cdf[(name, k_hi)].tolist()
+            cdf = self._cdf[key] = self._sorted_calib(name, k_hi).tolist()
         return cdf
+
+    def _sorted_calib(self, name: str, k_hi: int) -> torch.Tensor:
+        return self.linears[name].router.calib_scores[:, k_hi - 2].float().cpu().sort().values
 
     @staticmethod
     def _tally(tally: dict, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
