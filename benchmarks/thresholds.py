@@ -39,6 +39,10 @@ def main() -> None:
     args = p.parse_args()
     model, tok = mobiquant.load_quantized(args.checkpoint)
     windows = make_windows(tokenize_text(tok, read_text(args.text)), args.seqlen, args.windows)
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+            "torch threads", "torch": torch.__version__, "checkpoint": args.checkpoint,
+            "slice_bits": list(model.mobiquant_config.slice_bits), "windows": int(windows.shape[0]),
+            "seqlen": args.seqlen, "text": Path(args.text).name, "allocation": "band"}
     rows = []
     for b in (float(x) for x in args.budgets.split(",")):
         for mode in args.modes.split(","):
@@ -50,14 +54,10 @@ def main() -> None:
             rows.append({"budget": b, "mode": mode, "ppl": ppl, "bits_realized": trace.realized_bits(),
                          "tokens": tokens, "seconds": time.perf_counter() - t0})
             print(json.dumps(rows[-1]), flush=True)
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")  # row by row
     print(f"{'budget':>6} {'mode':>9} {'ppl':>9} {'bits':>6}")
     for r in rows:
         print(f"{r['budget']:>6g} {r['mode']:>9} {r['ppl']:>9.3f} {r['bits_realized']:>6.3f}")
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
-            "torch threads", "torch": torch.__version__, "checkpoint": args.checkpoint,
-            "slice_bits": list(model.mobiquant_config.slice_bits), "windows": int(windows.shape[0]),
-            "seqlen": args.seqlen, "text": Path(args.text).name, "allocation": "band"}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
