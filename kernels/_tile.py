@@ -120,6 +120,22 @@ def _field(w0, w1, w2, w3, SLOT: tl.constexpr, KS: tl.constexpr, BIAS_V: tl.cons
 
 
 @triton.jit
+def load_planes(wp, plane_stride, mask, KS: tl.constexpr):
+    """The word tiles of the first KS planes at ``wp`` (plane e at wp + e * plane_stride); unused planes repeat w0."""
+    w0 = tl.load(wp, mask=mask, other=0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if KS > 1:
+        w1 = tl.load(wp + plane_stride, mask=mask, other=0)
+    if KS > 2:
+        w2 = tl.load(wp + 2 * plane_stride, mask=mask, other=0)
+    if KS > 3:
+        w3 = tl.load(wp + 3 * plane_stride, mask=mask, other=0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def unpack_tile(w0, w1, w2, w3, KS: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """Words (BN, W) int32 of planes 1..KS (unused ones may repeat w0) -> (BN, 16 W) DT tile of BIAS + Q_KS."""
     if DT == tl.float16:
@@ -189,17 +205,7 @@ def _load_group(g, g_hi, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z
     x = tl.load(x_ptrs + g * GROUP, mask=x_mask & v, other=0.0)
     s = tl.load(s_ptrs + g * N, mask=n_mask & v, other=0.0)
     z = tl.load(z_ptrs + g * N, mask=n_mask & v, other=0.0)
-    wp = w_ptrs + g * WPG
-    w0 = tl.load(wp, mask=w_mask & v, other=0)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if KS > 1:
-        w1 = tl.load(wp + plane_stride, mask=w_mask & v, other=0)
-    if KS > 2:
-        w2 = tl.load(wp + 2 * plane_stride, mask=w_mask & v, other=0)
-    if KS > 3:
-        w3 = tl.load(wp + 3 * plane_stride, mask=w_mask & v, other=0)
+    w0, w1, w2, w3 = load_planes(w_ptrs + g * WPG, plane_stride, w_mask & v, KS)
     return x, s, z, w0, w1, w2, w3
 
 
@@ -372,16 +378,7 @@ def group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_p
         z1 = tl.load(z_ptrs + g * N, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         wp = w_ptrs + g * WPG
         if COMBINE:
-            w0 = tl.load(wp, mask=w_mask, other=0)
-            w1 = w0
-            w2 = w0
-            w3 = w0
-            if KS > 1:
-                w1 = tl.load(wp + plane_stride, mask=w_mask, other=0)
-            if KS > 2:
-                w2 = tl.load(wp + 2 * plane_stride, mask=w_mask, other=0)
-            if KS > 3:
-                w3 = tl.load(wp + 3 * plane_stride, mask=w_mask, other=0)
+            w0, w1, w2, w3 = load_planes(wp, plane_stride, w_mask, KS)
             F: tl.constexpr = 1.0 / (4.0 ** (KS - 1))
             q = unpack_tile(w0, w1, w2, w3, KS, DT, USE_ASM).to(tl.float32)  # BIAS + Q_k
             sk = s1 * F

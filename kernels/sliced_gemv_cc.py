@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import merge_planes_ptx
+from ._tile import load_planes, merge_planes_ptx
 from .layout import PackedSlices
 from .sliced_gemv import _check_args, _scratch
 from .tuning import lookup
@@ -222,18 +222,7 @@ def _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS: tl.constexpr, GPI: tl
     """The KS plane word tiles (BN, GPI, WPG) of groups g .. g + GPI - 1 (zeros past g_hi; unused planes repeat w0)."""
     gm = (g + tl.arange(0, GPI)) < g_hi
     wm = n_mask[:, None, None] & gm[None, :, None]
-    wp = w_ptrs + g * WPG
-    w0 = tl.load(wp, mask=wm, other=0)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if KS > 1:
-        w1 = tl.load(wp + plane_stride, mask=wm, other=0)
-    if KS > 2:
-        w2 = tl.load(wp + 2 * plane_stride, mask=wm, other=0)
-    if KS > 3:
-        w3 = tl.load(wp + 3 * plane_stride, mask=wm, other=0)
-    return w0, w1, w2, w3
+    return load_planes(w_ptrs + g * WPG, plane_stride, wm, KS)
 
 
 @triton.jit

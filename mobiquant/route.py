@@ -125,10 +125,10 @@ class ThresholdTable:
             if k_lo == k_hi:
                 return torch.full(scores.shape[:-1], k_hi, dtype=torch.long, device=scores.device)
             F = self._quantile(name, k_hi, scores[..., k_hi - 2])
-            hi, seen = self._tally(tally if tally is not None else {}, name, F)
-            on = F + BALANCE * (p * seen - hi) > 1 - p
-            hi += self._unit[name] * on
-            seen += self._unit[name]
+            t = _tally(tally if tally is not None else {}, name, tuple(F.shape), lambda: torch.zeros_like(F))
+            on = F + BALANCE * (p * t["seen"] - t["hi"]) > 1 - p
+            t["hi"] += self._unit[name] * on
+            t["seen"] += self._unit[name]
             return k_lo + on.long() * (k_hi - k_lo)
         if self.allocation == "band" and self.mode != "adaptive":  # = nested_counts(band_scores(...), τ), cheaper
             k_hi = _band_top(m.slice_bits, bits)
@@ -169,11 +169,7 @@ class ThresholdTable:
                 return k_hi
             cdf = self._cdf_list(name, k_hi)
             F = bisect.bisect_left(cdf, scores[k_hi - 2]) / len(cdf)
-            t = tally if tally is not None else {}
-            if name in t.setdefault("names", set()) or t.get("shape") != ():
-                t.update(names={name}, shape=(), hi=0.0, seen=0.0)
-            else:
-                t["names"].add(name)
+            t = _tally(tally if tally is not None else {}, name, (), float)
             on = F + BALANCE * (p * t["seen"] - t["hi"]) > 1 - p
             t["hi"] += self._unit[name] * on
             t["seen"] += self._unit[name]
@@ -206,15 +202,6 @@ class ThresholdTable:
 
     def _sorted_calib(self, name: str, k_hi: int) -> torch.Tensor:
         return self.linears[name].router.calib_scores[:, k_hi - 2].float().cpu().sort().values
-
-    @staticmethod
-    def _tally(tally: dict, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The balanced mode's (hi, seen) per token of the current forward: a new forward starts when a linear
-        comes back, or the tokens change shape."""
-        if name in tally.setdefault("names", set()) or tally.get("shape") != tuple(like.shape):
-            tally.update(names=set(), shape=tuple(like.shape), hi=torch.zeros_like(like), seen=torch.zeros_like(like))
-        tally["names"].add(name)
-        return tally["hi"], tally["seen"]
 
     def tau(self, name: str, bits: float) -> float:
         table = self._cache.get(bits)
@@ -249,6 +236,16 @@ class ThresholdTable:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if avg_bits(mid) > bits else (lo, mid)
         return dict.fromkeys(scores, hi)
+
+
+def _tally(tally: dict, name: str, shape: tuple, zero) -> dict:
+    """The balanced mode's record of the current forward: per-token ``hi`` and ``seen`` (``zero()`` each: tensors of
+    the tokens' shape, or floats for one decode token). A new forward starts when a linear comes back or the tokens
+    change shape."""
+    if name in tally.setdefault("names", set()) or tally.get("shape") != shape:
+        tally.update(names=set(), shape=shape, hi=zero(), seen=zero())
+    tally["names"].add(name)
+    return tally
 
 
 def attach_thresholds_(model: torch.nn.Module, mode: str = "layer", allocation: str = "nested") -> ThresholdTable:
