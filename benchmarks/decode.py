@@ -4,6 +4,8 @@
     python benchmarks/decode.py --layers 4 --tokens 32                   # smoke test
     python benchmarks/decode.py --compile                                # also the torch.compile'd engine step
     PYTHONUNBUFFERED=1 python benchmarks/decode.py --profile             # where a decode step's time goes
+    PYTHONUNBUFFERED=1 python benchmarks/decode.py --pdl-ab              # glue + router PDL off / on, step times
+    python benchmarks/decode.py --glue-pdl 0                             # the engine as before the glue PDL
 
 Model: LlamaConfig of LLaMA-3-8B (hidden 4096, 32 layers, 32 heads / 8 kv heads, MLP 14336, vocab 128256), random
 weights (HF init) in fp16 on the GPU. Nothing is downloaded; speed does not depend on the weights' values.
@@ -17,6 +19,10 @@ Rows (batch 1, greedy, a 32-token random prompt, then --tokens new tokens):
   uniform k = 1..4 (set_k: the same graph, the routers' counts overridden on the device).
 * elastic_generate (the app's API) at budget 4: the engine plus one host read of logits and counts per token.
 * HF ``generate`` on the quantized model at k = 2 (eager forward; MoBiQuantLinear calls the kernels' custom op).
+
+--pdl-ab (writes results/decode_pdl_ab_h100.json instead): the step's graph recaptured with the glue kernels' and
+the router's programmatic dependent launch off and on (decode_step.PDL, router.PDL_WAIT), alternating 3 times, ms/step
+of each at fp16, budgets 2 and 4 and k = 2 (medians of graph replays), and the logits of 4 greedy steps compared.
 
 --profile (writes results/decode_profile_h100.json instead): one engine per model, the step's CUDA graph recaptured
 for each variant (fp16: torch glue / fused glue; quantized at budget 4: the first router kernel (one program per
@@ -327,6 +333,75 @@ def profile_main(args, info):
                                                 if p else "– | – |"))
     save()
 
+def pdl_ab_main(args, info):
+    from mobiquant.kernels import decode_step
+    from mobiquant.kernels import router as router_kernel
+
+    res = dict(info=info, rounds=[], logits_max_abs_diff_on_vs_off={})
+    out = Path(args.out).with_name("decode_pdl_ab_h100.json") if args.out.endswith("decode_h100.json") \
+        else Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+
+    def set_pdl(on):
+        decode_step.PDL = router_kernel.PDL_WAIT = on
+
+    model = build_model(args.layers)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    rounds = res["rounds"]
+    table = {}
+
+    def measure(eng, setup):
+        if setup is not None:
+            setup()
+        ms = graph_step_ms(eng, prompt)
+        eng.prefill(prompt)
+        logits = [eng.decode()[0].clone() for _ in range(4)]
+        return ms, logits
+
+    def rounds_of(eng, setups):
+        for rnd in range(3):
+            for on in (False, True):
+                set_pdl(on)
+                eng.capture()  # one capture per round and setting; the setups only write device tensors
+                for name, setup in setups.items():
+                    ms, lg = measure(eng, setup)
+                    table.setdefault((name, on), []).append(ms)
+                    if rnd == 0:
+                        table[(name, on, "logits")] = lg
+                    log(f"round {rnd} pdl={int(on)} {name}: {ms:.4f} ms/step")
+                    rounds.append(dict(round=rnd, pdl=on, case=name, step_ms=ms))
+                    save()
+
+    with torch.no_grad():
+        eng = DecodeEngine(model, 1024, capture=False)
+        rounds_of(eng, {"fp16": None})
+        del eng
+        torch.cuda.empty_cache()
+        quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
+        attach_random_routers(model)
+        eng = DecodeEngine(model, 1024, capture=False)
+        setups = {"budget_4": lambda: eng.set_budget(4.0), "budget_2": lambda: eng.set_budget(2.0),
+                  "k_2": lambda: eng.set_k(2)}
+        rounds_of(eng, setups)
+    set_pdl(True)
+    res["median_step_ms"] = {}
+    log("\n| case | glue+router PDL off, ms/step (3 rounds) | on | median off -> on |")
+    log("|---|---|---|---|")
+    for name in ["fp16"] + list(setups):
+        off, on = table[(name, False)], table[(name, True)]
+        d = max((a - b).abs().max().item() for a, b in zip(table[(name, False, "logits")],
+                                                          table[(name, True, "logits")]))
+        res["logits_max_abs_diff_on_vs_off"][name] = d
+        res["median_step_ms"][name] = dict(off=statistics.median(off), on=statistics.median(on), off_all=off,
+                                           on_all=on)
+        log(f"| {name} | {' / '.join(f'{x:.3f}' for x in off)} | {' / '.join(f'{x:.3f}' for x in on)} | "
+            f"{statistics.median(off):.3f} -> {statistics.median(on):.3f} (logits diff {d:.3g}) |")
+    save()
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -337,8 +412,14 @@ def main():
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd step")
     ap.add_argument("--profile", action="store_true", help="profile one decode step per variant (see docstring)")
+    ap.add_argument("--pdl-ab", action="store_true", help="glue + router PDL off / on, step times (see docstring)")
+    ap.add_argument("--glue-pdl", type=int, default=1, help="0: glue and router launched without PDL (as before)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_h100.json"))
     args = ap.parse_args()
+    from mobiquant.kernels import decode_step
+    from mobiquant.kernels import router as router_kernel
+
+    decode_step.PDL = router_kernel.PDL_WAIT = bool(args.glue_pdl)
     import transformers
     import triton
 
@@ -347,10 +428,14 @@ def main():
                 date=datetime.datetime.now().isoformat(timespec="seconds"), layers=args.layers,
                 new_tokens=args.tokens, prompt_tokens=args.prompt, reps=args.reps,
                 config="LLaMA-3-8B shape, random weights, fp16; slices 2,2,2,2, group 128, routers hidden 16",
-                engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger")
+                engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger"
+                + (", glue and router PDL off / on alternately (A/B)" if args.pdl_ab
+                   else ", glue and router launched with PDL" if args.glue_pdl else ", glue and router without PDL"))
     log(info)
     if args.profile:
         return profile_main(args, info)
+    if args.pdl_ab:
+        return pdl_ab_main(args, info)
     res = dict(info=info, rows={})
     rows = res["rows"]
 

@@ -23,6 +23,12 @@ products, softmax sum), so results agree to ~1 ulp of the activation dtype, not 
 
 Tensors are contiguous, on one device; pos is a device tensor (int64, one element), read by the kernels, so that a
 captured graph replays at any position. The pure-torch twins are in mobiquant/ops.py.
+
+Programmatic dependent launch (``PDL``, Hopper, not the interpreter): each kernel is launched with ``launch_pdl`` and
+starts with ``griddepcontrol.launch_dependents`` then ``griddepcontrol.wait``, before any global access. So the
+kernel after it (the next glue kernel, the router, a v7 linear) may be scheduled while it waits or runs, and its own
+launch overlaps the tail of the kernel before it; ``wait`` returns once the previous grid has completed and its
+writes are visible, so nothing is read or written early (KERNEL_NOTES.md, "glue and router PDL").
 """
 
 from __future__ import annotations
@@ -31,11 +37,31 @@ import torch
 import triton
 import triton.language as tl
 
+from .router import _pdl, _pdl_launch
+
+PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
+ASM_GDC_ENTER = tl.constexpr("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;")
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """Let the next kernel launch, then wait for the previous one (its writes visible): before any global access."""
+    if PDL:
+        tl.inline_asm_elementwise(ASM_GDC_ENTER, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+def _pdl_opts(t: torch.Tensor) -> dict:
+    """Launch options: PDL on where it can run (the kernel's PDL constexpr and triton's launch_pdl together)."""
+    on = PDL and _pdl(t.device) and _pdl_launch()
+    return dict(PDL=on, **({"launch_pdl": True} if on else {}))
+
 
 # ------------------------------------------------------------------------------------------ add + RMSNorm
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, h_out_ptr, x_out_ptr, D, eps, HAS_R: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_enter(PDL)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     h = tl.load(h_ptr + offs, mask=mask, other=0.0)
@@ -59,15 +85,16 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
     x_out = torch.empty_like(h)
     BLOCK = triton.next_power_of_2(D)
     _add_rms_norm_kernel[(1,)](h, r if r is not None else h, w, h_out, x_out, D, float(eps), HAS_R=r is not None,
-                               BLOCK=BLOCK, num_warps=max(1, min(16, BLOCK // 512)))
+                               BLOCK=BLOCK, num_warps=max(1, min(16, BLOCK // 512)), **_pdl_opts(h))
     return h_out, x_out
 
 
 # ------------------------------------------------------------------------------------------ rotary + cache write
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, q_out_ptr, S,
-                    H: tl.constexpr, KV: tl.constexpr, DH: tl.constexpr, HALF_P: tl.constexpr):
+                    H: tl.constexpr, KV: tl.constexpr, DH: tl.constexpr, HALF_P: tl.constexpr, PDL: tl.constexpr):
     """Program i: query head i (i < H), key head i - H (rotated, cached), value head i - H - KV (cached)."""
+    _pdl_enter(PDL)
     i = tl.program_id(0)
     pos = tl.load(pos_ptr)
     HALF: tl.constexpr = DH // 2
@@ -117,16 +144,18 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
     # enable_fp_fusion=False: the compiler narrows (fp16 product).to(fp16) + ... to fp16 math and would then
     # contract product and sum into one fma, skipping the product's rounding that torch does
     _rope_kv_kernel[(H + 2 * KV,)](q, k, v, cos, sin, pos, k_cache, v_cache, q_out, S, H=H, KV=KV, DH=DH,
-                                   HALF_P=triton.next_power_of_2(DH // 2), num_warps=1, enable_fp_fusion=False)
+                                   HALF_P=triton.next_power_of_2(DH // 2), num_warps=1, enable_fp_fusion=False,
+                                   **_pdl_opts(q))
     return q_out
 
 
 # ------------------------------------------------------------------------------------------ attention
 @triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, scaling, G: tl.constexpr,
-                             DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr):
+                             DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """Program h: query head h against kv head h // G, two passes over the valid slots (max and sum, then the
     probabilities rounded to the activation dtype as torch's softmax(...).to(dtype), times V)."""
+    _pdl_enter(PDL)
     h = tl.program_id(0)
     kv = h // G
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -177,13 +206,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = torch.empty(H * DH, dtype=q.dtype, device=q.device)
     DP = triton.next_power_of_2(DH)
     _decode_attention_kernel[(H,)](q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV,
-                                   DH=DH, DP=DP, BLOCK_S=max(16, min(64, 8192 // DP)), num_warps=4)
+                                   DH=DH, DP=DP, BLOCK_S=max(16, min(64, 8192 // DP)), num_warps=4,
+                                   **_pdl_opts(q))
     return o
 
 
 # ------------------------------------------------------------------------------------------ SiLU · up
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -202,7 +233,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     N = g.numel()
     BLOCK = 1024
-    _silu_mul_kernel[(triton.cdiv(N, BLOCK),)](g, u, y, N, BLOCK=BLOCK, num_warps=4)
+    _silu_mul_kernel[(triton.cdiv(N, BLOCK),)](g, u, y, N, BLOCK=BLOCK, num_warps=4, **_pdl_opts(g))
     return y
 
 

@@ -21,7 +21,10 @@ order, so the result does not depend on the arrival order, and finishes fc2, the
 registers. A router whose count is given skips fc1 altogether (its first program stores counts_in).
 On Hopper each program first issues ``griddepcontrol.launch_dependents``: the linear that follows (v7, launched with
 programmatic dependent launch) may then start and prefetch its weights into L2 while the router runs; it reads the
-counts only after its ``griddepcontrol.wait``, which waits for this grid to complete.
+counts only after its ``griddepcontrol.wait``, which waits for this grid to complete. The router is itself launched
+with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the engine's CHUNK_K = BLOCK_K = 256), it loads
+its fc1 tile and input scales (constants, never written by a kernel) before its own ``griddepcontrol.wait``, so that
+load overlaps the kernel before it (the norm, the attention, SiLU·up); x, τ, the flags and every store come after.
 The first version ran one program per router over the whole K. That is a serial chain of K / BLOCK_K dependent
 loads, 16 for K = 4096 and 56 for down_proj's K = 14336 (KERNEL_NOTES.md, "router split").
 Arithmetic is fp32 like MoBiRoute.forward (summation order differs, so a score within ~1e-6 of τ may fall on the
@@ -41,39 +44,55 @@ from .sliced_gemv import _scratch
 
 CHUNK_K = 256  # K per program: one (HP, BLOCK_K) tile of fc1 each, 16 programs per router at K = 4096
 PDL_TRIGGER = True  # let the next kernel (a linear launched with PDL) start early and prefetch its weights
+PDL_WAIT = True  # launch with PDL: fc1 loaded before griddepcontrol.wait, overlapping the kernel before
 _SCRATCH: dict = {}
 ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
+ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
 
 
 @triton.jit
 def _route_counts_kernel(
     x_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, given_ptr, cin_ptr, out_ptr, ws_ptr,
     cnt_ptr, K, CHUNK, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr, EP: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, TRIGGER: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     r = tl.program_id(0)
     c = tl.program_id(1)
     if TRIGGER:  # the dependent linear (v7, PDL) touches only its weights until its griddepcontrol.wait
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
+    offs_h = tl.arange(0, HP)
+    h_mask = offs_h < H
+    k_lo = c * CHUNK
+    k_hi = tl.minimum(k_lo + CHUNK, K)
+    if ONE_TILE:  # CHUNK <= BLOCK_K: the program's whole fc1 tile and scales, constants, loaded before the wait
+        offs_k1 = k_lo + tl.arange(0, BLOCK_K)
+        k_mask1 = offs_k1 < k_hi
+        s_t = tl.load(s_ptr + r * K + offs_k1, mask=k_mask1, other=1.0).to(tl.float32)
+        w_t = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k1[None, :],
+                      mask=h_mask[:, None] & k_mask1[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
+    if WAIT:  # launched with PDL: x, tau, the flags and the workspace only after the previous grid completed
+        tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     given = tl.load(given_ptr + r) != 0
     if given:  # uniform / random modes, routerless linears: no fc1 to stream
         if c == 0:
             tl.store(out_ptr + r, tl.load(cin_ptr + r).to(tl.int32))
     else:
-        offs_h = tl.arange(0, HP)
-        h_mask = offs_h < H
         acc = tl.zeros((HP,), tl.float32)
-        k_lo = c * CHUNK
-        k_hi = tl.minimum(k_lo + CHUNK, K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < k_hi
-            xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            sv = tl.load(s_ptr + r * K + offs_k, mask=k_mask, other=1.0).to(tl.float32)
-            w = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
-                        mask=h_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
-            acc += tl.sum(w * (xv / sv)[None, :], axis=1)
+        if ONE_TILE:
+            xv = tl.load(x_ptr + offs_k1, mask=k_mask1, other=0.0).to(tl.float32)
+            acc += tl.sum(w_t * (xv / s_t)[None, :], axis=1)
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                sv = tl.load(s_ptr + r * K + offs_k, mask=k_mask, other=1.0).to(tl.float32)
+                w = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
+                            mask=h_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
+                acc += tl.sum(w * (xv / sv)[None, :], axis=1)
         last = True
         if SPLIT > 1:  # partial -> workspace; the last program of router r reduces (fixed order) and resets
             ws = ws_ptr + r * (SP * HP)
@@ -115,6 +134,17 @@ def _pdl(device) -> bool:
     return _sm90(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=1)
+def _pdl_launch() -> bool:
+    """Whether this triton launches with programmatic dependent launch (the launch_pdl option)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @functools.lru_cache(maxsize=16)
 def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
@@ -146,10 +176,13 @@ def route_counts(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.T
     # the router's own partials and counters: never shared with the linears' split-K counters, whose PDL launches
     # may overlap a router launch
     ws, cnt = _scratch(x.device, R * SP * HP if split > 1 else 1, R, store=_SCRATCH)
+    pdl = _pdl(x.device)
+    wait = PDL_WAIT and pdl and _pdl_launch()
     _route_counts_kernel[(R, split)](
         x.reshape(-1), s, w1, b1, w2, b2, tau, _i8(force_on), _i8(force_off), _i8(given), counts_in, out, ws, cnt,
         K, chunk, H=H, EM1=EM1, HP=HP, EP=max(triton.next_power_of_2(EM1), 2), BLOCK_K=block_k, SPLIT=split, SP=SP,
-        TRIGGER=PDL_TRIGGER and _pdl(x.device), num_warps=4,
+        TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k, num_warps=4,
+        **({"launch_pdl": True} if wait else {}),
     )
     return out
 
