@@ -4,9 +4,11 @@
     served = load_served(model="default")                      # first run: calibrate (progress bar), cache, serve
                                                                # later runs: the cached checkpoint, in seconds
 
-On the CPU the dense weights of every precision are built at start-up, in fp16 (about 203 MiB per precision for the
-embedded model, half the bytes per decode step of fp32): the slider then switches precision without a pause. A
-checkpoint calibrated with the "adaptive" threshold mode keeps its table for evaluation; the playground decodes with
+On the CPU the weights of every precision are built at start-up: those of at most 4 bits as torch's int4 weights,
+run by its CPU int4 kernel from bf16 activations (nn/linear.py, quant/int4pack.py; about 57 MiB per precision for the
+embedded model), the others as fp16 dense weights (about 203 MiB each, half the bytes per decode step of fp32): the
+slider then switches precision without a pause.
+A checkpoint calibrated with the "adaptive" threshold mode keeps its table for evaluation; the playground decodes with
 the "balanced" thresholds instead (route.py: a table lookup and a per-token tally; "layer" for the nested allocation),
 because the adaptive mode re-sorts every linear's score history at every token, which a 2-core CPU cannot afford
 while streaming.
@@ -53,8 +55,8 @@ def _for_decoding(model):
     if getattr(model, "mobiquant_thresholds", "layer") == "adaptive":
         allocation = getattr(model, "mobiquant_allocation", "band")
         attach_thresholds_(model, "balanced" if allocation == "band" else "layer", allocation)
-    if next(model.parameters()).device.type == "cpu":  # every precision ready before the first request, in fp16
-        set_dense_cache_(model, True, build=True, dtype=torch.float16)
+    if next(model.parameters()).device.type == "cpu":  # every precision ready before the first request
+        set_dense_cache_(model, True, build=True, dtype=torch.float16, int4=True)
         head = getattr(model, "lm_head", None)
         if isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32:
             model.lm_head = HalfHead(head)

@@ -9,6 +9,7 @@ Counts recorded on a CUDA device are kept there and copied to the host only when
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few hundred names at every decode step
 def split_name(name: str) -> tuple[int, str]:
     """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'); (-1, name) outside the decoder blocks."""
     m = _LAYER.search(name)

@@ -21,6 +21,9 @@ Two torch paths give the same result (up to fp32 summation order):
   tokens are grouped by k and each group is one ``F.linear``. Decode then costs what the unquantized layer costs,
   at the price of up to E dense weights in memory (benchmarks/elastic_ppl.py reports it). Never a dense weight per
   token. ``set_dense_cache_(model, False)`` switches a model to the reference path and frees the caches.
+  With ``set_dense_cache_(..., int4=True)`` the precisions of at most 4 bits are cached on the CPU as torch's int4
+  weight instead (their codes fit in 4 bits: quant/int4pack.py), a quarter of fp16's bytes, and computed with
+  ``torch._weight_int4pack_mm_for_cpu`` from bf16 activations; higher precisions keep the dense weight.
 
 **Kernels (CUDA).** When the buffers and x are on a CUDA device, x is fp16 or bf16, triton can be imported and the
 layer fits the kernels (2-bit slices, E <= 4, K % 16 == 0, group size % 32 == 0: ``ops.kernel_compatible``), the
@@ -38,6 +41,7 @@ synchronises (the decode engine, mobiquant/engine.py, uses the layer thresholds)
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +51,10 @@ from .. import ops
 from ..config import MoBiQuantConfig
 from ..errors import MoBiQuantError
 from ..precision import check_budget, current_precision
-from ..quant import packing, slices
+from ..quant import int4pack, packing, slices
 from ..route import ThresholdTable, random_counts
 from .router import MoBiRoute, nested_counts, threshold_for_bits
+from .shared_input import token_scores
 
 
 class MoBiQuantLinear(nn.Module):
@@ -83,6 +88,8 @@ class MoBiQuantLinear(nn.Module):
         self.dense_cache = True
         self.dense_dtype: torch.dtype | None = None  # the dense path's compute dtype (None: x's dtype)
         self._dense: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self.int4_slices: frozenset[int] = frozenset()  # slice counts computed as int4 on the CPU (set_dense_cache_)
+        self._int4: dict[int, int4pack.Int4Weight] = {}  # k -> the CPU int4 weight of Ŵ_k
         self.use_kernels = True  # on a CUDA device, when the configuration fits (module docstring)
         self._packed: dict[torch.device, object] = {}  # device -> mobiquant.kernels.PackedSlices
 
@@ -195,7 +202,7 @@ class MoBiQuantLinear(nn.Module):
         B = self._bits_of
         budget = check_budget(p.budget, B[1], B[-1])
         group = self.shared_input
-        scores = group.scores(self, x) if group is not None else self.router(x).reshape(-1).tolist()
+        scores = group.scores(self, x) if group is not None else token_scores(self.router._inference_weights(), x)
         return self.thresholds.count_token(self.name, scores, budget, p.tally)
 
     @property
@@ -299,15 +306,19 @@ class MoBiQuantLinear(nn.Module):
     def _dense_linear(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """x Ŵ_kᵀ (+ bias) from the cached dense weight, computed in ``dense_dtype`` when one is set (the CPU app
         keeps fp16 weights: half the bytes a decode step reads). An output that overflows fp16 is computed again
-        in x's dtype, so a large activation costs time, never an inf."""
+        in x's dtype, so a large activation costs time, never an inf. A count in ``int4_slices`` runs the CPU int4
+        kernel instead (bf16 products: fp32's range, nothing to recompute), unless autograd records the forward."""
+        if k in self.int4_slices and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            return int4pack.int4_linear(x, self._int4_weight(k), self.bias)
         dt = self.dense_dtype or x.dtype
         if dt == x.dtype:
             return F.linear(x, self._dense_weight(k, dt, x.device), self.bias)
         bias = None if self.bias is None else self.bias.to(dt)
-        y = F.linear(x.to(dt), self._dense_weight(k, dt, x.device), bias)
-        if not math.isfinite(y.sum(dtype=torch.float32)):  # an fp32 sum of finite fp16 values cannot overflow
+        x_dt = x.half() if dt is torch.float16 else x.to(dt)  # .half() / .float(): cheaper calls than .to(dtype)
+        y = F.linear(x_dt, self._dense_weight(k, dt, x.device), bias)
+        if not math.isfinite(y.abs().max()):  # an inf (or a NaN) anywhere; cheaper than an fp32 sum of fp16 values
             return F.linear(x, self._dense_weight(k, x.dtype, x.device), self.bias)
-        return y.to(x.dtype)
+        return y.float() if x.dtype is torch.float32 else y.to(x.dtype)
 
     def _dense_weight(self, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (k, dtype, device)
@@ -316,12 +327,23 @@ class MoBiQuantLinear(nn.Module):
             W = self._dense[key] = self.weight_k(k).to(device=device, dtype=dtype)
         return W
 
+    def _int4_weight(self, k: int) -> int4pack.Int4Weight:
+        W = self._int4.get(k)
+        if W is None:
+            Q = slices.combine([self.codes(e).cpu() for e in range(1, k + 1)], self.slice_bits)
+            s_k, Z_k = slices.affine_params(self.scale.float().cpu(), self.zero.float().cpu(), self.slice_bits, k)
+            W = self._int4[k] = int4pack.pack_int4(Q, s_k, Z_k, self.precisions[k - 1], self.group_size)
+        return W
+
     def dense_cache_bytes(self) -> int:
-        return sum(W.numel() * W.element_size() for W in self._dense.values())
+        """Bytes of the cached weights: dense ones and int4 ones."""
+        return (sum(W.numel() * W.element_size() for W in self._dense.values())
+                + sum(W.nbytes for W in self._int4.values()))
 
     # ---------------------------------------------------------------- housekeeping
     def _clear_caches(self) -> None:
         self._dense.clear()
+        self._int4.clear()
         self._packed.clear()
 
     def _apply(self, fn, recurse=True):
@@ -338,21 +360,41 @@ class MoBiQuantLinear(nn.Module):
 
 
 def set_dense_cache_(model: nn.Module, enabled: bool, *, build: bool = False,
-                     dtype: torch.dtype | None = None) -> nn.Module:
+                     dtype: torch.dtype | None = None, int4: bool = False) -> nn.Module:
     """Turn the per-precision dense weight cache of every MoBiQuantLinear on or off (off frees it).
 
     dtype: the dense path's compute dtype (weights cached and products computed in it, inputs cast to it and the
     output cast back; an fp16 output that overflows is recomputed in the input's dtype). None keeps each call's own
     dtype. fp16 halves the bytes a CPU decode step reads (the playground uses it); Ŵ_k differs from fp32 by fp16
     rounding. build=True fills the cache now for every precision, so that the first token at a new budget does not
-    pay for unpacking a whole model's weights (an interactive server wants this)."""
+    pay for unpacking a whole model's weights (an interactive server wants this).
+
+    int4=True (CPU): the precisions of at most 4 bits (k = 1, 2 of 2,2,2,2; k = 1, 2 of 3,1,1,1,1,1) are cached as
+    torch's int4 weight (quant/int4pack.py: codes unchanged, scale and zero in bf16, 4.5 bits per weight at group
+    size 64) and computed with ``torch._weight_int4pack_mm_for_cpu`` from bf16 activations, the output cast back;
+    the other precisions keep the dense weight in ``dtype``. Ŵ_k then differs from fp32 by bf16 rounding of its
+    scale and zero point and of the activations and outputs. A layer the kernel does not fit (out_features % 16,
+    group size not 32/64/128/256) keeps the dense path, and so does every layer, with a warning, where this torch
+    has no working int4 kernel (``int4pack.available()``). Inputs on another device, or recorded by autograd,
+    always take the dense path."""
     float_params = [p for p in model.parameters() if p.is_floating_point()]
     build_dtype = dtype or (float_params[0].dtype if float_params else torch.float32)
+    use_int4 = enabled and int4 and int4pack.available()
+    if enabled and int4 and not use_int4:
+        warnings.warn("this torch has no working CPU int4 matmul (torch._weight_int4pack_mm_for_cpu): the dense "
+                      f"weight cache keeps every precision in {build_dtype}", RuntimeWarning, stacklevel=2)
     for m in model.modules():
         if isinstance(m, MoBiQuantLinear):
             m.dense_cache, m.dense_dtype = enabled, dtype if enabled else None
+            m.int4_slices = frozenset()
+            if use_int4 and int4pack.fits(m.out_features, m.in_features, m.group_size):
+                m.int4_slices = frozenset(k for k, b in enumerate(m.precisions, start=1) if b <= 4)
             m._clear_caches()
             if enabled and build:
+                on_cpu = m.plane_1.device.type == "cpu"
                 for k in range(1, m.num_slices + 1):
-                    m._dense_weight(k, build_dtype, m.plane_1.device)
+                    if on_cpu and k in m.int4_slices:
+                        m._int4_weight(k)
+                    else:
+                        m._dense_weight(k, build_dtype, m.plane_1.device)
     return model

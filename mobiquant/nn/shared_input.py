@@ -38,8 +38,7 @@ class SharedInputRouters:
         """``linear``'s router scores for one token x (..., K), as (E-1) floats."""
         last = self._last
         if last is None or last[0] is not x or last[1] != x._version:
-            w1, b1, w2, b2 = self._weights()
-            s = F.linear(F.silu(F.linear(x.reshape(1, -1).float(), w1, b1)), w2, b2).reshape(-1).tolist()
+            s = token_scores(self._weights(), x)
             last = self._last = (x, x._version, s)  # one tuple: another thread sees the old entry or this one
         i, j = self._span[id(linear)]
         return last[2][i:j]
@@ -53,6 +52,17 @@ class SharedInputRouters:
             b2 = torch.cat([p[3] for p in parts])
             self._stacked, self._parts = (w1, b1, w2, b2), parts
         return self._stacked
+
+
+def token_scores(weights: tuple[torch.Tensor, ...], x: torch.Tensor) -> list[float]:
+    """One token x (K values, any shape) through a router MLP's folded fp32 weights (w1, b1, w2, b2) -> its scores
+    as floats: fc1, SiLU in place, fc2 and the host copy, on a 1-D input, so no reshape of the (1, 1, K) decode input
+    and no view of the output (each torch call costs a few µs on a CPU, and a chance to wait for the GIL)."""
+    w1, b1, w2, b2 = weights
+    h = x.reshape(-1)
+    if h.dtype is not torch.float32:
+        h = h.float()
+    return F.linear(F.silu(F.linear(h, w1, b1), inplace=True), w2, b2).tolist()
 
 
 def share_router_inputs_(linears: dict) -> list[SharedInputRouters]:

@@ -116,13 +116,19 @@ def combine(codes: Sequence[torch.Tensor], slice_bits: Sequence[int]) -> torch.T
     return Q
 
 
+def affine_params(s_1: torch.Tensor, z_1: torch.Tensor, slice_bits: Sequence[int], k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_k, Z_k), each (N, G): the step and zero point of the first k slices as a plain affine quantizer,
+    Ŵ_k = s_k (Q_k - Z_k). Exact in floating point: s_k and 2^(B_k - b_1) z_1 are s_1 and z_1 scaled by powers of 2."""
+    shift = cumulative_bits(slice_bits)[k - 1] - slice_bits[0]
+    return s_1 * 2.0**-shift, z_1 * 2.0**shift - 0.5
+
+
 def dequantize(Q_k: torch.Tensor, s_1: torch.Tensor, z_1: torch.Tensor, slice_bits: Sequence[int], k: int
                ) -> torch.Tensor:
     """Ŵ_k = s_k (Q_k - Z_k) in fp32, (N, K): one shared scale per group, whatever k is."""
-    shift = cumulative_bits(slice_bits)[k - 1] - slice_bits[0]
     g = Q_k.shape[1] // s_1.shape[1]
-    s_k = s_1 * 2.0**-shift  # (N, G)
-    Z_k = z_1 * 2.0**shift - 0.5
+    s_k, Z_k = affine_params(s_1, z_1, slice_bits, k)  # (N, G) each
     W_k = s_k[..., None] * (group_view(Q_k.float(), g) - Z_k[..., None])
     return W_k.reshape(Q_k.shape)
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mobiquant import MoBiQuantConfig, MoBiQuantError, MoBiQuantLinear, precision
-from mobiquant.quant import slices
+from mobiquant.quant import int4pack, slices
 
 
 def make(slice_bits=(2, 2, 2, 2), N=40, K=128, g=32, bias=True):
@@ -134,3 +134,105 @@ def test_fp16_dense_dtype_is_close_and_never_overflows(tiny_llama):
         torch.testing.assert_close(yb, F.linear(big, q.weight_k(k), q.bias), rtol=1e-4, atol=1e-1)
     set_dense_cache_(tiny_llama, True)
     assert q.dense_dtype is None
+
+
+# ------------------------------------------------------------ the CPU int4 dense cache (set_dense_cache_(int4=True))
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # the embedded model's q/o, k/v, gate/up, down (N, K)
+needs_int4 = pytest.mark.skipif(not int4pack.available(), reason="this torch has no working CPU int4 matmul")
+
+
+def bf16_close(y, ref):
+    """Within what bf16 activations, outputs, scales and zero points allow: ~3e-3 of the output's scale measured,
+    against 1e-2 here; a wrong code, offset or group would be off by whole steps (tens of %)."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    scale = ref.abs().max()
+    assert (y - ref).abs().max() <= 1e-2 * scale, float((y - ref).abs().max() / scale)
+    assert (y - ref).norm() <= 5e-3 * ref.norm(), float((y - ref).norm() / ref.norm())
+
+
+@needs_int4
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4_path_matches_the_fp32_dense_path(slice_bits, shape):
+    """Every precision of at most 4 bits runs the int4 kernel and equals x Ŵ_kᵀ within bf16 tolerance, for one
+    token (decode), several (a prompt) and mixed counts; nothing dense is built for those precisions."""
+    from mobiquant import set_dense_cache_
+
+    N, K = shape
+    lin, q = make(slice_bits, N=N, K=K, g=64)
+    set_dense_cache_(q, True, build=True, dtype=torch.float16, int4=True)
+    low = [k for k, b in enumerate(q.precisions, start=1) if b <= 4]
+    assert q.int4_slices == set(low) == {1, 2}
+    gen = torch.Generator().manual_seed(N + K)
+    with torch.no_grad():
+        for k in low:
+            for x in (torch.randn(1, K, generator=gen), torch.randn(2, 7, K, generator=gen)):
+                bf16_close(q(x, k=k), F.linear(x, q.weight_k(k), lin.bias))
+            assert (k, torch.float16, torch.device("cpu")) not in q._dense
+        x = torch.randn(9, K, generator=gen)
+        kt = torch.tensor([1, 2, 1, 2, 2, 1, 1, 2, 1])
+        ref = torch.stack([F.linear(x[i], q.weight_k(int(kt[i])), lin.bias) for i in range(9)])
+        bf16_close(q(x, k=kt), ref)
+
+
+@needs_int4
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1)])
+def test_int4_keeps_fp16_for_higher_precisions(slice_bits):
+    """Precisions above 4 bits keep the fp16 dense weight (built), with the fp16 path's exact result; the cache
+    holds int4 weights for the low precisions and fp16 for the rest."""
+    from mobiquant import set_dense_cache_
+
+    N, K = 192, 576
+    lin, q = make(slice_bits, N=N, K=K, g=64)
+    set_dense_cache_(q, True, build=True, dtype=torch.float16, int4=True)
+    high = [k for k, b in enumerate(q.precisions, start=1) if b > 4]
+    assert high and not q.int4_slices & set(high)
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        for k in high:
+            W16 = q._dense[(k, torch.float16, torch.device("cpu"))]
+            assert torch.equal(W16, q.weight_k(k).half())
+            assert torch.equal(q(x, k=k), F.linear(x.half(), W16, lin.bias.half()).float())
+    int4_bytes = N * K // 2 + (K // 64) * N * 2 * 2  # codes + bf16 (scale, zero) per group
+    assert q.dense_cache_bytes() == 2 * int4_bytes + len(high) * N * K * 2
+    set_dense_cache_(q, False)
+    assert q.dense_cache_bytes() == 0 and not q.int4_slices
+
+
+@needs_int4
+def test_int4_cache_is_rebuilt_after_a_move_and_skipped_under_autograd():
+    from mobiquant import set_dense_cache_
+
+    lin, q = make(N=64, K=128, g=64)
+    set_dense_cache_(q, True, build=True, int4=True)
+    q.double()  # a cast: caches dropped, the choice kept
+    assert q.dense_cache_bytes() == 0 and q.int4_slices == {1, 2}
+    x = torch.randn(4, 128, dtype=torch.float64)
+    with torch.no_grad():
+        y = q(x, k=1)
+    assert y.dtype == torch.float64 and 1 in q._int4
+    bf16_close(y, F.linear(x, q.weight_k(1).double(), lin.bias.double()))
+    xg = x.clone().requires_grad_()
+    q(xg, k=2).sum().backward()  # recorded by autograd: the dense path, which has a backward
+    torch.testing.assert_close(xg.grad, q.weight_k(2).double().sum(0).expand_as(xg))
+
+
+def test_int4_falls_back_to_the_dense_weights(monkeypatch):
+    """No working int4 op: a warning and fp16 for every precision, the same outputs as without int4. A layer whose
+    shape the kernel does not take (out_features % 16) keeps its dense weights silently."""
+    from mobiquant import set_dense_cache_
+
+    lin, q = make(N=64, K=128, g=64)
+    monkeypatch.setattr(int4pack, "available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no working CPU int4"):
+        set_dense_cache_(q, True, build=True, dtype=torch.float16, int4=True)
+    assert not q.int4_slices and q.dense_cache_bytes() == 4 * 64 * 128 * 2
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = q(x, k=1)
+        set_dense_cache_(q, True, build=True, dtype=torch.float16)
+        assert torch.equal(y, q(x, k=1))
+    monkeypatch.undo()
+    _, odd = make(N=40, K=128, g=64)
+    set_dense_cache_(odd, True, build=True, dtype=torch.float16, int4=True)
+    assert not odd.int4_slices and odd.dense_cache_bytes() == 4 * 40 * 128 * 2
