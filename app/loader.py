@@ -54,7 +54,7 @@ def _for_decoding(model):
 
     if getattr(model, "mobiquant_thresholds", "layer") == "adaptive":
         allocation = getattr(model, "mobiquant_allocation", "band")
-        attach_thresholds_(model, "balanced" if allocation == "band" else "layer", allocation)
+        attach_thresholds_(model, "layer" if allocation == "nested" else "balanced", allocation)
     if next(model.parameters()).device.type == "cpu":  # every precision ready before the first request
         set_dense_cache_(model, True, build=True, dtype=torch.float16, int4=True)
         head = getattr(model, "lm_head", None)

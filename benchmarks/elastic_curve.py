@@ -7,7 +7,8 @@ For each slice list (default: the paper's 2,2,2,2 and the finer 3,1,1,1,1,1) the
     slices       uniform k (budgets = some B_k)  bitspecific  the clipping calibration rerun at each integer width
     rtn          round-to-nearest, min/max endpoints
 
-plus the run-time threshold modes (layer / global) and the outlier-migration overlap of three linears.
+plus other threshold:allocation pairs (``--alternatives``; default the uniform band, balanced) and the
+outlier-migration overlap of three linears.
 
     python benchmarks/elastic_curve.py [--windows 32] [--slice-lists 2,2,2,2 3,1,1,1,1,1] [--fast]
     python benchmarks/elastic_curve.py --plot-only      # redraw the plot from the JSON
@@ -38,7 +39,7 @@ from mobiquant.analysis import outlier_migration
 from mobiquant.calibrate import CalibConfig, calibrate_
 from mobiquant.calibrate.data import cache_dir
 from mobiquant.evaluate import EvalSetup, make_windows, read_text, run_methods, tokenize_text
-from mobiquant.route import THRESHOLD_MODES, attach_thresholds_
+from mobiquant.route import attach_thresholds_
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-raw-test.txt"
@@ -46,12 +47,13 @@ LINEARS = ["model.layers.1.self_attn.q_proj", "model.layers.15.self_attn.o_proj"
 
 
 def calibrated(fp, tok, slice_bits, group_size, calib: CalibConfig, reuse: bool):
-    key = f"curve-{'-'.join(map(str, slice_bits))}-g{group_size}-{calib.samples}x{calib.seqlen}-e{calib.epochs}"
+    config = mobiquant.MoBiQuantConfig(slice_bits=slice_bits, group_size=group_size)
+    key = (f"curve-{'-'.join(map(str, slice_bits))}-g{group_size}-{calib.samples}x{calib.seqlen}-e{calib.epochs}-"
+           f"{config.allocation}")
     path = cache_dir() / "checkpoints" / key
     if reuse and (path / "mobiquant_config.json").is_file():
         model, _ = mobiquant.load_quantized(path, device=next(fp.parameters()).device)
         return model, model.mobiquant_calibration["seconds"], str(path)
-    config = mobiquant.MoBiQuantConfig(slice_bits=slice_bits, group_size=group_size)
     model = calibrate_(copy.deepcopy(fp), tok, config, calib)
     mobiquant.save_quantized(model, path, tok)
     return model, model.mobiquant_calibration["seconds"], str(path)
@@ -99,6 +101,9 @@ def main() -> None:
     p.add_argument("--slice-lists", nargs="+", default=["2,2,2,2", "3,1,1,1,1,1"])
     p.add_argument("--budgets", default="2,2.5,3,3.5,4,5,6,8")
     p.add_argument("--methods", default="mobiquant,random,slices,bitspecific,rtn")
+    p.add_argument("--alternatives", default="balanced:band",
+                   help="other threshold:allocation pairs to evaluate at every budget (e.g. balanced:band,layer:band)")
+    p.add_argument("--alternative-budgets", help="budgets for --alternatives (default: --budgets)")
     p.add_argument("--fast", action="store_true", help="calibrate with the --fast recipe")
     p.add_argument("--reuse", action="store_true", help="reuse calibrated checkpoints from the cache")
     p.add_argument("--model", default="default")
@@ -114,6 +119,7 @@ def main() -> None:
              ROOT / "assets" / "elastic_curve.png")
         return
     budgets = [float(b) for b in args.budgets.split(",")]
+    alt_budgets = [float(b) for b in (args.alternative_budgets or args.budgets).split(",")]
     fp, tok = mobiquant.load_model(args.model, device=device)
     if args.source_name:
         fp.config.mobiquant_source = args.source_name
@@ -143,14 +149,17 @@ def main() -> None:
             print(json.dumps(d), flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         low, high = model.mobiquant_config.precisions[0], model.mobiquant_config.precisions[-1]
-        allocation = model.mobiquant_config.allocation
-        for other in [m for m in THRESHOLD_MODES if m != model.mobiquant_config.thresholds
-                      and (m != "balanced" or allocation == "band")]:  # balanced is a band-allocation mode
-            attach_thresholds_(model, other, model.mobiquant_config.allocation)
-            for b in [b for b in budgets if low < b < high]:
-                ppl, realized, tokens, sec = setup.routed_ppl(b, "router", f"{other} {b:g}b")
-                result["threshold_modes"].append({"slice_bits": sl, "mode": other, "bits_requested": b,
-                                                  "bits_realized": realized, "ppl": ppl})
+        own = (model.mobiquant_config.thresholds, model.mobiquant_config.allocation)
+        for mode, allocation in [tuple(a.split(":")) for a in args.alternatives.split(",") if a]:
+            if (mode, allocation) == own:
+                continue
+            attach_thresholds_(model, mode, allocation)
+            for b in [b for b in alt_budgets if low <= b <= high]:
+                ppl, realized, tokens, sec = setup.routed_ppl(b, "router", f"{mode}/{allocation} {b:g}b")
+                result["threshold_modes"].append({"slice_bits": sl, "mode": mode, "allocation": allocation,
+                                                  "bits_requested": b, "bits_realized": realized, "ppl": ppl})
+                print(json.dumps(result["threshold_modes"][-1]), flush=True)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         attach_thresholds_(model, model.mobiquant_config.thresholds, model.mobiquant_config.allocation)
         ids = windows[0]
         for name in LINEARS:

@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--fast", action="store_true", help="the quick recipe the app runs on first launch")
     ca.add_argument("--next-input", choices=["quantized", "fp"], default=None)
     ca.add_argument("--thresholds", choices=["layer", "global", "adaptive", "balanced"], default=None,
-                    help="default: balanced (band allocation), layer (nested)")
-    ca.add_argument("--allocation", choices=["band", "nested"], default="band")
+                    help="default: balanced (fisher and band allocations), layer (nested)")
+    ca.add_argument("--allocation", choices=["fisher", "band", "nested"], default="fisher",
+                    help="fisher: each linear's share of the budget from its cost curve (default); band: every "
+                         "linear at the budget; nested: any slice count")
     ca.add_argument("--seed", type=int, default=0)
     _add_quant_args(ca)
 
@@ -178,7 +180,7 @@ def cmd_calibrate(args) -> int:
     from .io import save_quantized
     from .models import load_model
 
-    thresholds = args.thresholds or ("balanced" if args.allocation == "band" else "layer")
+    thresholds = args.thresholds or ("layer" if args.allocation == "nested" else "balanced")
     config = dataclasses.replace(_config(args), thresholds=thresholds, allocation=args.allocation)
     overrides = {k: v for k, v in {"calib": args.calib, "samples": args.samples, "seqlen": args.seqlen,
                                    "epochs": args.epochs, "next_input": args.next_input, "seed": args.seed}.items()

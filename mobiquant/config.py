@@ -37,9 +37,13 @@ class MoBiQuantConfig:
     router_hidden: hidden width of each layer's MoBiRoute MLP (used once the model is calibrated).
     thresholds:  budget -> threshold map: "layer" (each layer realizes the budget), "global" (one threshold),
                  "adaptive" (per layer, following the text being processed) or "balanced" (per layer, pushing
-                 each token toward the budget over the linears it has passed; band allocation only; route.py).
-    allocation:  "band" (each token at one of the two uniform precisions around the budget, the router picks
-                 which) or "nested" (any slice count, where the scores cross the threshold).
+                 each token toward the budget over the linears it has passed; fisher or band allocation; route.py).
+    allocation:  (default: "fisher" with the balanced thresholds, "band" with the others)
+                 "fisher" (each linear gets its share of the budget from its cost curve, measured at calibration:
+                 sensitive linears more bits, robust ones fewer; inside a linear each token runs at one of the two
+                 precisions around its share, the router picks which), "band" (every linear at the budget: each
+                 token at one of the two uniform precisions around it) or "nested" (any slice count, where the
+                 scores cross the threshold).
     """
 
     slice_bits: tuple[int, ...] = (2, 2, 2, 2)
@@ -47,7 +51,7 @@ class MoBiQuantConfig:
     modules: tuple[str, ...] | None = None
     router_hidden: int = 16
     thresholds: str = "balanced"
-    allocation: str = "band"
+    allocation: str | None = None  # None: "fisher" with the balanced thresholds, else "band"
     version: int = CONFIG_VERSION
     extra: dict = field(default_factory=dict)  # free-form provenance (source model, ...); not used for math
 
@@ -70,10 +74,14 @@ class MoBiQuantConfig:
         if self.thresholds not in ("layer", "global", "adaptive", "balanced"):
             raise MoBiQuantError(f"thresholds must be 'layer', 'global', 'adaptive' or 'balanced', got "
                                  f"{self.thresholds!r}")
-        if self.thresholds == "balanced" and self.allocation != "band":
-            raise MoBiQuantError("thresholds='balanced' needs allocation='band'")
-        if self.allocation not in ("band", "nested"):
-            raise MoBiQuantError(f"allocation must be 'band' or 'nested', got {self.allocation!r}")
+        if self.allocation is None:
+            object.__setattr__(self, "allocation", "fisher" if self.thresholds == "balanced" else "band")
+        if self.allocation not in ("fisher", "band", "nested"):
+            raise MoBiQuantError(f"allocation must be 'fisher', 'band' or 'nested', got {self.allocation!r}")
+        if self.thresholds == "balanced" and self.allocation == "nested":
+            raise MoBiQuantError("thresholds='balanced' needs allocation='fisher' or 'band'")
+        if self.allocation == "fisher" and self.thresholds != "balanced":
+            raise MoBiQuantError("allocation='fisher' needs thresholds='balanced'")
         if self.version != CONFIG_VERSION:
             raise MoBiQuantError(f"config version {self.version} is not supported (this mobiquant reads "
                                  f"{CONFIG_VERSION})")

@@ -23,7 +23,8 @@ through its own forward, so that every shape is static and nothing leaves the de
   torch. Thresholds come from a device table τ[p, linear] over a grid of budgets (every 1/8 bit from B_1 to B_E),
   filled at construction from each model's ``ThresholdTable`` (route.py) in its "layer" form; the step reads the row
   of the budget held in a device scalar. A budget between grid points uses the nearest grid budget (at most 1/16 bit
-  away). The "band" allocation is a second device table (slices forced on / off per grid budget).
+  away). The "band" allocation is a second device table (slices forced on / off per grid budget). A "fisher"
+  checkpoint runs here with the uniform band: its per-linear shares of the budget are not on the device yet.
   **Not graphable**: the "adaptive" threshold mode (a Python-side history of the text's scores, re-thresholded every
   64 tokens); the engine uses the layer thresholds fitted at calibration for a model attached in that mode, so its
   realized bits follow the calibration text rather than the user's.
@@ -254,7 +255,7 @@ class DecodeEngine:
             name = m.name if m.name in table.linears else next(iter(table.linears))
             for p, b in enumerate(self.grid):  # "layer" τ; an "adaptive" table's _build gives the same
                 tau[p, j] = table.tau(name, b) if table.mode != "adaptive" else _layer_tau(table, name, b)
-        if allocation == "band":
+        if allocation in ("band", "fisher"):  # fisher: the uniform band here (per-linear bands: not yet on the device)
             for p, b in enumerate(self.grid):
                 k_hi = next((k for k, bk in enumerate(self.precisions, start=1) if bk >= b - 1e-9), E)
                 for c in range(E - 1):  # residual column c holds slice c + 2 (route.band_scores)

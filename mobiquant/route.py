@@ -17,19 +17,28 @@ stored in the checkpoint:
   caller's ``precision(stream=...)`` dict). The calibration text and the user's text differ; this mode follows the
   user's text, so the realized bits track the budget where fixed thresholds drift.
 
-* ``"balanced"`` (band allocation only): each token runs at one of the two uniform precisions around the budget, as
+* ``"balanced"`` (band and fisher allocations): each token runs at one of the two precisions around the budget, as
   in "band", but the decision also looks at what the token got in the linears before this one in the same forward:
 
-      on_t = F(s_t) + λ · (p · seen_t − hi_t) > 1 − p
+      on_t = F(s_t) + λ · (want_t − hi_t) > 1 − p
 
   F is the layer's calibration-score CDF (so F(s) > 1 − p alone is the "layer" threshold at fraction p of tokens on
-  the higher precision), seen_t and hi_t count the weights of the linears the token has passed and of those where it
-  got the higher precision (in units of the mean linear), λ = ``BALANCE``. A token that was denied the extra slice
+  the higher precision), hi_t counts the weights of the linears the token has passed where it got the higher
+  precision and want_t the weights it should have had there (p times each linear's weights, in units of the mean
+  linear), λ = ``BALANCE``. A token that was denied the extra slice
   in earlier layers is pushed up, one that got it is pushed down: every token ends near the budget, and the router
   picks *where* in the network each token spends it. The independent per-layer thresholds instead give the extra
   slices to the same tokens in most layers and starve the rest, which lost to random routing on WikiText-2 (README,
   issue #3). Causal and per token: a decode step (one token, one forward) decides exactly as a prefill would. The
   record lives in ``precision(...).tally``, reset when a forward starts again at a linear it has seen.
+
+Allocations (where the budget goes): "nested" (any count 1..E where the scores cross τ), "band" (every linear at the
+budget: the two uniform precisions around it) and "fisher" (balanced thresholds only): each linear gets its own share
+b_l of the budget from its cost curve (calibrate/fisher.py, ``fisher_allocation``), the weight-weighted mean of the
+b_l being the budget, and its tokens run at the two precisions around b_l, the balanced rule above with p = p_l and
+the token's deficit counted against the shares (``want``). Sensitive linears (e.g. the first blocks' down
+projections) then run at more bits than robust ones at every budget, integer budgets included, where "band" is one
+uniform precision.
 
 Tables are computed once per budget and cached; a budget is a per-call value (``precision(budget=...)``), so the
 table holds no state that depends on who is calling.
@@ -50,7 +59,7 @@ from .nn.router import nested_counts, realized_bits, threshold_for_bits
 THRESHOLD_MODES = ("layer", "global", "adaptive", "balanced")
 BALANCE = 0.13  # λ (fast 3,1,1,1,1,1 checkpoint, WikiText-2, 4 windows, 3.5 bits: 0.06 -> 55.13, 0.13 -> 54.70,
 #                0.3 -> 56.65; per-layer adaptive thresholds 58.53, random routing 59.94)
-ALLOCATIONS = ("nested", "band")
+ALLOCATIONS = ("nested", "band", "fisher")
 ADAPTIVE_CHUNK = 64  # tokens per causal chunk of the adaptive mode
 ADAPTIVE_HISTORY = 2048  # most recent scores of a stream kept by the adaptive mode
 ADAPTIVE_PRIOR = 256  # calibration scores stand in for the stream's until it has this many of its own
@@ -98,37 +107,44 @@ class ThresholdTable:
             raise MoBiQuantError(f"unknown threshold mode {mode!r}; use one of {THRESHOLD_MODES}")
         if allocation not in ALLOCATIONS:
             raise MoBiQuantError(f"unknown allocation {allocation!r}; use one of {ALLOCATIONS}")
-        if mode == "balanced" and allocation != "band":
-            raise MoBiQuantError("the balanced threshold mode needs the band allocation")
+        if mode == "balanced" and allocation == "nested":
+            raise MoBiQuantError("the balanced threshold mode needs the band or fisher allocation")
+        if allocation == "fisher" and mode != "balanced":
+            raise MoBiQuantError("the fisher allocation runs with the balanced threshold mode")
         self.mode, self.allocation = mode, allocation
         self.linears = {n: m for n, m in linears.items() if getattr(m, "router", None) is not None}
         for n, m in self.linears.items():
             if m.router.calib_scores.numel() == 0:
                 raise MoBiQuantError(f"the router of {n} has no calibration scores: calibrate the model first")
+            if allocation == "fisher" and m.router.fisher_cost.numel() == 0:
+                raise MoBiQuantError(f"the router of {n} has no cost curve for the fisher allocation: calibrate again, "
+                                     "or run mobiquant.calibrate.fit_fisher_ on the model")
         self._cache: dict[float, dict[str, float]] = {}
         self._lock = threading.Lock()
-        sizes = [m.in_features * m.out_features for m in self.linears.values()]
-        self._unit = {n: len(sizes) * s / max(sum(sizes), 1) for n, s in zip(self.linears, sizes)}  # weights / mean
+        self._sizes = {n: m.in_features * m.out_features for n, m in self.linears.items()}
+        mean = sum(self._sizes.values()) / max(len(self._sizes), 1)
+        self._unit = {n: s / mean for n, s in self._sizes.items()}  # weights / mean
         self._cdf: dict[tuple, torch.Tensor | list[float]] = {}  # (name, k_hi, device or "list") -> sorted scores
+        self._bands: dict[float, dict[str, tuple[int, int, float]]] = {}  # fisher: budget -> name -> band
 
     def _prior(self, name: str, bits: float) -> torch.Tensor:
         m = self.linears[name]
         prior = m.router.calib_scores.float()
-        return band_scores(prior, m.slice_bits, bits) if self.allocation == "band" else prior
+        return band_scores(prior, m.slice_bits, bits) if self.allocation != "nested" else prior
 
     def counts(self, name: str, scores: torch.Tensor, bits: float, stream: dict | None = None,
                tally: dict | None = None) -> torch.Tensor:
         """(..., E-1) router scores -> (...) slice counts at ``bits``."""
         m = self.linears[name]
         if self.mode == "balanced":
-            k_lo, k_hi, p = _band(m.slice_bits, bits)
+            k_lo, k_hi, p = self.band(name, bits)
             if k_lo == k_hi:
                 return torch.full(scores.shape[:-1], k_hi, dtype=torch.long, device=scores.device)
             F = self._quantile(name, k_hi, scores[..., k_hi - 2])
             t = _tally(tally if tally is not None else {}, name, tuple(F.shape), lambda: torch.zeros_like(F))
-            on = F + BALANCE * (p * t["seen"] - t["hi"]) > 1 - p
+            on = F + BALANCE * (t["want"] - t["hi"]) > 1 - p
             t["hi"] += self._unit[name] * on
-            t["seen"] += self._unit[name]
+            t["want"] += self._unit[name] * p
             return k_lo + on.long() * (k_hi - k_lo)
         if self.allocation == "band" and self.mode != "adaptive":  # = nested_counts(band_scores(...), τ), cheaper
             k_hi = _band_top(m.slice_bits, bits)
@@ -164,15 +180,15 @@ class ThresholdTable:
         decode path). Not for the adaptive mode, which needs the score history."""
         m = self.linears[name]
         if self.mode == "balanced":
-            k_lo, k_hi, p = _band(m.slice_bits, bits)
+            k_lo, k_hi, p = self.band(name, bits)
             if k_lo == k_hi:
                 return k_hi
             cdf = self._cdf_list(name, k_hi)
             F = bisect.bisect_left(cdf, scores[k_hi - 2]) / len(cdf)
             t = _tally(tally if tally is not None else {}, name, (), float)
-            on = F + BALANCE * (p * t["seen"] - t["hi"]) > 1 - p
+            on = F + BALANCE * (t["want"] - t["hi"]) > 1 - p
             t["hi"] += self._unit[name] * on
-            t["seen"] += self._unit[name]
+            t["want"] += self._unit[name] * p
             return k_hi if on else k_lo
         tau = self.tau(name, bits)
         if self.allocation == "band":
@@ -184,6 +200,24 @@ class ThresholdTable:
                 break
             n += 1
         return n
+
+    def band(self, name: str, bits: float) -> tuple[int, int, float]:
+        """(k_lo, k_hi, p): the two precisions a linear's tokens run at for a budget, and the fraction p at k_hi.
+        Allocation "band": the uniform precisions around the budget; "fisher": the linear's share of the budget."""
+        if self.allocation != "fisher":
+            return _band(self.linears[name].slice_bits, bits)
+        bands = self._bands.get(bits)
+        if bands is None:
+            with self._lock:
+                if len(self._bands) >= _CACHE_LIMIT:
+                    self._bands.clear()
+                target = fisher_allocation(self._curves(), self._sizes, bits)
+                bands = self._bands[bits] = {n: _band(self.linears[n].slice_bits, round(b, 9))
+                                             for n, b in target.items()}
+        return bands[name]
+
+    def _curves(self) -> dict[str, tuple[list[float], list[float]]]:
+        return {n: (m.router.fisher_bits.tolist(), m.router.fisher_cost.tolist()) for n, m in self.linears.items()}
 
     def _quantile(self, name: str, k_hi: int, s: torch.Tensor) -> torch.Tensor:
         """F(s): the fraction of the layer's calibration tokens whose score for slice k_hi is below s."""
@@ -238,12 +272,50 @@ class ThresholdTable:
         return dict.fromkeys(scores, hi)
 
 
+def fisher_allocation(curves: dict[str, tuple[list[float], list[float]]], sizes: dict[str, int],
+                      bits: float) -> dict[str, float]:
+    """Each linear's bits for a model-wide average of ``bits`` (weighted by ``sizes``, weights per linear), spending
+    the budget where it lowers the estimated loss most per weight bit.
+
+    curves: per linear, the (bits, cost) points of its cost curve (calibrate/fisher.py). On the lower convex hull of
+    each curve, a segment from (b0, c0) to (b1, c1) buys c0 - c1 for (b1 - b0) x size weight bits; every linear starts
+    at its lowest precision and the segments are taken in order of that gain per bit (the hull keeps each linear's
+    segments in order), the last one taken part way so that the budget is met exactly."""
+    start = {n: b[0] for n, (b, _) in curves.items()}
+    need = sum((bits - start[n]) * sizes[n] for n in curves)
+    segments = []
+    for n, (b, c) in curves.items():
+        hull = _lower_hull(list(zip(b, c)))
+        for (b0, c0), (b1, c1) in zip(hull, hull[1:]):
+            segments.append(((c0 - c1) / ((b1 - b0) * sizes[n]), b0, n, b1))
+    segments.sort(key=lambda s: (-s[0], s[1]))
+    out = dict(start)
+    for _, b0, n, b1 in segments:
+        if need <= 0:
+            break
+        take = min(b1 - b0, need / sizes[n])
+        out[n], need = b0 + take, need - take * sizes[n]
+    return out
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower convex hull of (x, y) points sorted by x (monotone chain), from the first x to the last."""
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                  <= (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])):
+            hull.pop()  # hull[-1] lies on or above the chord from hull[-2] to p
+        hull.append(p)
+    return hull
+
+
 def _tally(tally: dict, name: str, shape: tuple, zero) -> dict:
-    """The balanced mode's record of the current forward: per-token ``hi`` and ``seen`` (``zero()`` each: tensors of
+    """The balanced mode's record of the current forward: per token, ``hi`` the weights of the linears where it got
+    the higher precision and ``want`` the weights it should have had there by the budget (``zero()`` each: tensors of
     the tokens' shape, or floats for one decode token). A new forward starts when a linear comes back or the tokens
     change shape."""
     if name in tally.setdefault("names", set()) or tally.get("shape") != shape:
-        tally.update(names=set(), shape=shape, hi=zero(), seen=zero())
+        tally.update(names=set(), shape=shape, hi=zero(), want=zero())
     tally["names"].add(name)
     return tally
 

@@ -41,3 +41,13 @@ def test_dict_round_trip():
     assert MoBiQuantConfig.from_dict(c.to_dict()) == c
     with pytest.raises(MoBiQuantError, match="unknown"):
         MoBiQuantConfig.from_dict({"slice_bits": [2], "bogus": 1})
+
+
+def test_default_allocation_follows_the_thresholds():
+    from mobiquant import MoBiQuantConfig, MoBiQuantError
+
+    assert MoBiQuantConfig().allocation == "fisher" and MoBiQuantConfig().thresholds == "balanced"
+    assert MoBiQuantConfig(thresholds="layer").allocation == "band"
+    assert MoBiQuantConfig.from_dict({"thresholds": "adaptive"}).allocation == "band"
+    with pytest.raises(MoBiQuantError, match="balanced"):
+        MoBiQuantConfig(thresholds="layer", allocation="fisher")

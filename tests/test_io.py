@@ -100,3 +100,38 @@ def test_missing_or_foreign_directory(tmp_path):
     (tmp_path / "mobiquant_config.json").write_text('{"format": "other"}')
     with pytest.raises(MoBiQuantError, match="not written by mobiquant"):
         load_quantized(tmp_path)
+
+
+def test_round_trip_keeps_cost_curves_and_old_checkpoints_without_them_load(tiny_llama, routed_model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mobiquant.calibrate import fit_fisher_
+
+    routed_model(tiny_llama, hidden=16)  # the config's router width
+    fit_fisher_(tiny_llama, torch.randint(0, 96, (2, 16)), progress=False)
+    save_quantized(tiny_llama, tmp_path / "new")
+    loaded, _ = load_quantized(tmp_path / "new")
+    assert loaded.mobiquant_thresholds == "balanced" and loaded.mobiquant_allocation == "fisher"
+    ids = torch.randint(0, 96, (1, 12))
+    from mobiquant.route import attach_thresholds_
+
+    attach_thresholds_(tiny_llama, "balanced", "fisher")
+    with torch.no_grad(), precision(budget=4.5):
+        assert torch.equal(loaded(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(loaded.get_submodule(name).router.fisher_cost, tiny_llama.get_submodule(name).router.fisher_cost)
+    # a checkpoint written before the curves existed: band allocation, no fisher_* tensors
+    old = tmp_path / "old"
+    save_quantized(tiny_llama, old)
+    with safe_open(str(old / WEIGHTS_FILE), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v for k, v in load_file(str(old / WEIGHTS_FILE)).items() if ".fisher_" not in k}
+    save_file(tensors, str(old / WEIGHTS_FILE), metadata=metadata)
+    meta = json.loads((old / "mobiquant_config.json").read_text())
+    meta["mobiquant"]["allocation"] = "band"
+    (old / "mobiquant_config.json").write_text(json.dumps(meta))
+    loaded_old, _ = load_quantized(old)
+    assert loaded_old.get_submodule(name).router.fisher_cost.numel() == 0
+    with pytest.raises(MoBiQuantError, match="cost curve"):
+        attach_thresholds_(loaded_old, "balanced", "fisher")

@@ -2,5 +2,6 @@
 
 from .blockwise import CalibConfig, calibrate_
 from .data import calibration_tokens
+from .fisher import fit_fisher_
 
-__all__ = ["CalibConfig", "calibrate_", "calibration_tokens"]
+__all__ = ["CalibConfig", "calibrate_", "calibration_tokens", "fit_fisher_"]

@@ -10,6 +10,7 @@
         freeze ℓ (MoBiQuantLinear + MoBiRoute); on held-out samples, fit τ for a grid of budgets, each with the
                          blocks upstream at that budget (H_b = quantized block_ℓ(H_b) at b)
         X_fp = T;  X_q = quantized block_ℓ(X_q) at the middle budget  (next_input="quantized"; "fp": X_q = T)
+    each linear's cost curve on ``fisher_tokens`` calibration tokens (fisher.py): the "fisher" allocation
 
 Choices where the paper is silent (README, "Calibration"):
 
@@ -55,6 +56,7 @@ from ..precision import precision
 from ..quant import slices
 from ..route import attach_thresholds_
 from .data import calibration_tokens
+from .fisher import fit_fisher_
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class CalibConfig:
     stages: tuple[str, ...] = ("clip", "route")
     holdout: float = 0.25  # fraction of samples kept out of training; their router scores set the thresholds
     warm_start: bool = True  # pre-train routers on each slice's local per-token benefit before stage 2
+    fisher_tokens: int = 1024  # calibration tokens that measure each linear's cost curve (fisher.py); 0: none
     seed: int = 0
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class CalibConfig:
             raise MoBiQuantError(f"next_input must be 'quantized' or 'fp', got {self.next_input!r}")
         if not set(self.stages) <= {"clip", "route"} or not self.stages:
             raise MoBiQuantError(f"stages must be a non-empty subset of ('clip', 'route'), got {self.stages}")
+        if self.fisher_tokens < 0:
+            raise MoBiQuantError(f"fisher_tokens must be >= 0, got {self.fisher_tokens}")
         if not 0 <= self.holdout < 1:
             raise MoBiQuantError(f"holdout must be in [0, 1), got {self.holdout}")
 
@@ -286,6 +291,8 @@ def calibrate_(model: nn.Module, tokenizer, config: MoBiQuantConfig | None = Non
     clipping and (with more than one slice) routers plus the budget -> threshold table. Returns the model, with
     ``model.mobiquant_calibration`` = {config, seconds, per-block losses}."""
     config, calib = config or MoBiQuantConfig(), calib or CalibConfig()
+    if config.allocation == "fisher" and not calib.fisher_tokens and config.num_slices > 1:
+        raise MoBiQuantError("the fisher allocation needs the cost curves: set fisher_tokens > 0 or another allocation")
     t_start = time.perf_counter()
     all_linears = target_linears(model, config)  # validates the modules and every group size before any work
     for lin in all_linears.values():
@@ -354,6 +361,9 @@ def calibrate_(model: nn.Module, tokenizer, config: MoBiQuantConfig | None = Non
         bar.set_postfix({s: f"{v:.4f}" for s, v in block_losses.items()})
     model.mobiquant_config = config
     if any(m.router is not None for m in model.modules() if isinstance(m, MoBiQuantLinear)):
+        if calib.fisher_tokens:  # after the last block: the cost curves need the whole quantized model
+            n = min(tokens.shape[0], -(-calib.fisher_tokens // tokens.shape[1]))
+            fit_fisher_(model, tokens[:n], calib.batch_size, progress)
         attach_thresholds_(model, config.thresholds, config.allocation)
     model.mobiquant_calibration = {"calib": calib, "seconds": time.perf_counter() - t_start, "losses": losses}
     return model

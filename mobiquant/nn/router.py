@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_HIDDEN = 16
+DATA_BUFFERS = ("calib_scores", "tau_bits", "tau", "fisher_bits", "fisher_cost")  # shapes set by calibration
+OPTIONAL_BUFFERS = ("fisher_bits", "fisher_cost")  # absent from checkpoints made before them
 CALIB_SCORES = 512  # calibration tokens whose scores are kept for the "global" threshold mode
 
 
@@ -73,6 +75,9 @@ class MoBiRoute(nn.Module):
         # τ fitted at calibration for a grid of budgets, the upstream layers running at that same budget
         self.register_buffer("tau_bits", torch.zeros(0, device=device))
         self.register_buffer("tau", torch.zeros(0, device=device))
+        # the linear's cost curve, (bits, estimated loss increase) points (calibrate/fisher.py): the "fisher" allocation
+        self.register_buffer("fisher_bits", torch.zeros(0, device=device))
+        self.register_buffer("fisher_cost", torch.zeros(0, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> scores (..., E-1), fp32."""
@@ -120,7 +125,14 @@ class MoBiRoute(nn.Module):
         return float(tau[i - 1]) * (1 - w) + float(tau[i]) * w
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("calib_scores", "tau_bits", "tau"):  # sizes are data, not architecture
+        for name in DATA_BUFFERS:  # sizes are data, not architecture
+            old = getattr(self, name)
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
-        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=old.device))
+            elif name in OPTIONAL_BUFFERS:  # a checkpoint from before the cost curves: an empty curve
+                setattr(self, name, torch.zeros(0, device="cpu" if old.is_meta else old.device))
+                self._non_persistent_buffers_set.add(name)  # not "missing" while this load runs
+        try:
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            self._non_persistent_buffers_set.difference_update(OPTIONAL_BUFFERS)
