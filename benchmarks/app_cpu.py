@@ -88,7 +88,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "checkpoint": args.checkpoint or "embedded model, cached --fast checkpoint",
-        "new_tokens": args.new_tokens, "mode": "router", "panels": "all (text and metrics every 0.1 s, plots every 2 s: app/app.py)"},
+        "new_tokens": args.new_tokens, "mode": "router",
+        "panels": "all (text and metrics every 0.1 s, plots every 2 s: app/app.py)"},
         "rows": rows, "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
