@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from gradio.components.plot import PlotData
 
 from mobiquant import (
     BudgetControl,
@@ -43,6 +44,7 @@ TEXT_EVERY_S = 0.1  # text and metrics at most this often (the first token at on
 # and a 2-core CPU then spends its time decoding rather than serialising one update per token (stream.py)
 ALL_LAYERS = "all layers"
 SWITCH_INTERVAL_S = 5e-5  # the server's GIL switch interval (serve())
+QUEUE_POLL_S = 0.01  # how often the queue looks for a new request (serve())
 
 
 def _examples() -> list[str]:
@@ -53,6 +55,12 @@ def _examples() -> list[str]:
 def _outlier_text() -> str:
     path = ASSETS / "outlier_text.txt"
     return path.read_text() if path.is_file() else ""
+
+
+def _plot(spec: dict) -> PlotData:
+    """A views.*_spec as what gr.Plot sends (its postprocess passes PlotData through): plotly JSON, no plotly figure
+    built and validated on the server (views.py)."""
+    return PlotData(type="plotly", plot=views.figure_json(spec))
 
 
 def _user_error(e: Exception) -> gr.Error:
@@ -110,7 +118,7 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
                                                  temperature=temperature if sampling else 0, top_p=top_p, seed=seed,
                                                  max_prompt_tokens=limits.max_prompt_tokens),
                         run.control, TEXT_EVERY_S)
-        last_plot, spans, spans_view = 0.0, [], run.view
+        last_plot, spans, spans_view, heat, series_ = 0.0, [], run.view, None, None
         try:
             for batch in steps:
                 for step in batch:
@@ -125,16 +133,22 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
                 now = time.perf_counter()
                 if now - last_plot >= PLOT_EVERY_S:
                     last_plot = now
-                    yield (text, views.heatmap_figure(run.steps, precisions, run.view[1]), views.metrics_html(metrics),
-                           views.series_figure(run.steps), views.trace_rows(run.steps, *run.view))
+                    heat, series_ = _plot(views.heatmap_spec(run.steps, precisions, run.view[1])), _plot(
+                        views.series_spec(run.steps))
+                    yield text, heat, views.metrics_html(metrics), series_, views.trace_rows(run.steps, *run.view)
                 else:
-                    yield text, gr.skip(), views.metrics_html(metrics), gr.skip(), gr.skip()
+                    # Between redraws the plots are sent again as the same PlotData: gradio passes it through and
+                    # its stream diff finds nothing to send (the page redraws them only every 2 s: a MutationObserver
+                    # on the plots, Chromium). A gr.skip() costs more (gradio 6 rebuilds the component
+                    # and its config, a pydantic JSON schema, for every skip: 4.6 ms for three against 1.5 ms per
+                    # update). The trace stays a skip: resending it costs O(tokens) (3 ms more at 512 tokens).
+                    yield text, heat, views.metrics_html(metrics), series_, gr.skip()
         except Exception as e:  # every failure becomes a message; the server stays up
             raise _user_error(e) from None
         state = "stopped" if run.control.stop else "done"
         yield (views.tokens_html(run.steps, precisions, *run.view),
-               views.heatmap_figure(run.steps, precisions, run.view[1]),
-               views.metrics_html(run.meter.snapshot(state)), views.series_figure(run.steps),
+               _plot(views.heatmap_spec(run.steps, precisions, run.view[1])),
+               views.metrics_html(run.meter.snapshot(state)), _plot(views.series_spec(run.steps)),
                views.trace_rows(run.steps, *run.view))
 
     def set_budget(budget, request: gr.Request):
@@ -172,7 +186,7 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
         steps = run.steps if run is not None else []
         if run is not None:
             run.view = view
-        return (views.tokens_html(steps, precisions, *view), views.heatmap_figure(steps, precisions, view[1]),
+        return (views.tokens_html(steps, precisions, *view), _plot(views.heatmap_spec(steps, precisions, view[1])),
                 views.trace_rows(steps, *view))
 
     # ------------------------------------------------------------------ outliers
@@ -274,8 +288,8 @@ def build_demo(served: Served, limits: Limits | None = None) -> gr.Blocks:
             with gr.Row():
                 idle = views.metrics_html({"state": "idle", "device": device.type})
                 metrics = gr.HTML(idle, elem_id="mq-metrics-box")
-                series = gr.Plot(views.series_figure([]), label="Speed and bits", elem_id="mq-series")
-            heatmap = gr.Plot(views.heatmap_figure([], precisions), label="Router heatmap", elem_id="mq-heatmap")
+                series = gr.Plot(_plot(views.series_spec([])), label="Speed and bits", elem_id="mq-series")
+            heatmap = gr.Plot(_plot(views.heatmap_spec([], precisions)), label="Router heatmap", elem_id="mq-heatmap")
             with gr.Accordion("Routing trace (per token)", open=False):
                 trace = gr.JSON(label="trace")
         with gr.Tab("Outliers"):
@@ -346,6 +360,11 @@ def serve(served: Served, host: str = "127.0.0.1", port: int = 7860, limits: Lim
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     demo = build_demo(served, limits)
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
+    # gradio's queue loop polls for new events every 1 ms (Queue.sleep_when_free): 1,000 event-loop wake-ups a
+    # second, each taking the GIL from the decode thread, the largest part of the server's GIL time while a client
+    # streams (py-spy --gil). Every 10 ms is plenty for a request to start.
+    if hasattr(demo._queue, "sleep_when_free"):
+        demo._queue.sleep_when_free = max(demo._queue.sleep_when_free, QUEUE_POLL_S)
     css = (ASSETS / "app.css").read_text() if (ASSETS / "app.css").is_file() else None
     demo.launch(server_name=host, server_port=port, share=False, css=css, max_file_size="1mb",
                 enable_monitoring=False, show_error=True, prevent_thread_lock=not block, footer_links=["api"])

@@ -16,6 +16,7 @@ import html
 import math
 from collections.abc import Sequence
 
+import orjson
 import plotly.graph_objects as go
 import torch
 from plotly.colors import sample_colorscale
@@ -23,8 +24,9 @@ from plotly.colors import sample_colorscale
 ALL = "all"
 COLORSCALE = "Viridis"
 _FONT = dict(family="Inter, system-ui, sans-serif", size=12)
-_LAYOUT = dict(template="plotly_white", paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font=_FONT,
-               margin=dict(l=50, r=20, t=40, b=40), uirevision="keep")
+_STYLE = dict(paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font=_FONT,
+              margin=dict(l=50, r=20, t=40, b=40), uirevision="keep")
+_LAYOUT = dict(template="plotly_white", **_STYLE)
 
 
 # ------------------------------------------------------------------------------------------------ colours
@@ -110,42 +112,83 @@ def trace_rows(steps: Sequence, layer: int | None = None, linear: str | None = N
 
 
 # ------------------------------------------------------------------------------------------------ figures
-def heatmap_figure(steps: Sequence, precisions: Sequence[int], linear: str | None = None) -> go.Figure:
-    """Layers x tokens: slice count per layer (mean over linears, or one linear) for every generated token."""
-    fig = go.Figure()
+# The live plots are built as plain plotly JSON, already in the form plotly's validation gives (``figure_json``;
+# tests/app/test_views.py checks that validating them changes nothing): a validated go.Figure costs ~25 ms, most of it
+# copying and validating the "plotly_white" template, against ~1 ms here, and the server redraws both plots every 2 s
+# while the decode thread waits for the GIL.
+@functools.cache
+def _template() -> dict:
+    """The "plotly_white" template as JSON, made once."""
+    import plotly.io as pio
+
+    return pio.templates["plotly_white"].to_plotly_json()
+
+
+@functools.cache
+def _colorscale() -> tuple:
+    """COLORSCALE as the [[position, colour], ...] list that plotly's validator turns the name into."""
+    return tuple(tuple(p) for p in go.Heatmap(colorscale=COLORSCALE).colorscale)
+
+
+def _layout(title: str, height: int, **extra) -> dict:
+    return {"template": _template(), **_STYLE, "title": {"text": title}, "height": height, **extra}
+
+
+def figure_json(spec: dict) -> str:
+    """A ``heatmap_spec`` / ``series_spec`` as the JSON string a plotly figure serialises to (NaN as null, as
+    plotly's orjson engine writes it)."""
+    return orjson.dumps(spec).decode()
+
+
+def heatmap_spec(steps: Sequence, precisions: Sequence[int], linear: str | None = None) -> dict:
+    """Layers x tokens: slice count per layer (mean over linears, or one linear) for every generated token, as
+    plotly JSON (``heatmap_figure`` for the figure)."""
+    data = []
     if steps:
         S = torch.stack([s.slices for s in steps]).float()  # (tokens, layers, linears)
         if linear not in (None, ALL):
             S = S[:, :, steps[0].linears.index(linear)][..., None]
         z = S.mean(-1).T.tolist()  # (layers, tokens)
-        fig.add_trace(go.Heatmap(
-            z=z, x=list(range(len(steps))), colorscale=COLORSCALE, zmin=1, zmax=len(precisions),
-            customdata=[[s.text for s in steps]] * len(z),
-            hovertemplate="layer %{y}, token %{x} (%{customdata!r})<br>slices %{z:.2f}<extra></extra>",
-            colorbar=dict(title="slices", tickvals=list(range(1, len(precisions) + 1)))))
+        data.append({
+            "type": "heatmap", "z": z, "x": list(range(len(steps))), "colorscale": _colorscale(), "zmin": 1,
+            "zmax": len(precisions), "customdata": [[s.text for s in steps]] * len(z),
+            "hovertemplate": "layer %{y}, token %{x} (%{customdata!r})<br>slices %{z:.2f}<extra></extra>",
+            "colorbar": {"title": {"text": "slices"}, "tickvals": list(range(1, len(precisions) + 1))}})
     what = "mean over linears" if linear in (None, ALL) else linear
-    fig.update_layout(**_LAYOUT, title=f"Router decisions: slices per layer and token ({what})", height=340,
-                      xaxis_title="generated token", yaxis_title="layer")
-    return fig
+    return {"data": data, "layout": _layout(f"Router decisions: slices per layer and token ({what})", 340,
+                                            xaxis={"title": {"text": "generated token"}},
+                                            yaxis={"title": {"text": "layer"}})}
 
 
-def series_figure(steps: Sequence) -> go.Figure:
-    """Tokens/s (per step) and realized bits over the generation, the budget as a step line."""
-    fig = go.Figure()
+def series_spec(steps: Sequence) -> dict:
+    """Tokens/s (per step) and realized bits over the generation, the budget as a step line, as plotly JSON
+    (``series_figure`` for the figure)."""
+    data = []
     if steps:
         x = [s.index for s in steps]
         rate = [1.0 / s.seconds if s.seconds > 0 else None for s in steps]
         rate[0] = None  # the first step includes the prompt's prefill
-        fig.add_trace(go.Scatter(x=x, y=rate, name="tokens/s", mode="lines", line=dict(color="#3b528b")))
-        fig.add_trace(go.Scatter(x=x, y=[s.bits for s in steps], name="realized bits", yaxis="y2", mode="lines",
-                                 line=dict(color="#21918c")))
-        fig.add_trace(go.Scatter(x=x, y=[s.budget for s in steps], name="budget", yaxis="y2", mode="lines",
-                                 line=dict(color="#fde725", dash="dot", shape="hv")))
-    fig.update_layout(**_LAYOUT, title="Speed and bits per token", height=260, xaxis_title="generated token",
-                      yaxis=dict(title="tokens/s", rangemode="tozero"),
-                      yaxis2=dict(title="bits", overlaying="y", side="right"),
-                      legend=dict(orientation="h", y=-0.35))
-    return fig
+        data = [
+            {"type": "scatter", "x": x, "y": rate, "name": "tokens/s", "mode": "lines", "line": {"color": "#3b528b"}},
+            {"type": "scatter", "x": x, "y": [s.bits for s in steps], "name": "realized bits", "yaxis": "y2",
+             "mode": "lines", "line": {"color": "#21918c"}},
+            {"type": "scatter", "x": x, "y": [s.budget for s in steps], "name": "budget", "yaxis": "y2",
+             "mode": "lines", "line": {"color": "#fde725", "dash": "dot", "shape": "hv"}}]
+    return {"data": data, "layout": _layout("Speed and bits per token", 260,
+                                            xaxis={"title": {"text": "generated token"}},
+                                            yaxis={"title": {"text": "tokens/s"}, "rangemode": "tozero"},
+                                            yaxis2={"title": {"text": "bits"}, "overlaying": "y", "side": "right"},
+                                            legend={"orientation": "h", "y": -0.35})}
+
+
+def heatmap_figure(steps: Sequence, precisions: Sequence[int], linear: str | None = None) -> go.Figure:
+    """``heatmap_spec`` as a plotly figure."""
+    return go.Figure(heatmap_spec(steps, precisions, linear))
+
+
+def series_figure(steps: Sequence) -> go.Figure:
+    """``series_spec`` as a plotly figure."""
+    return go.Figure(series_spec(steps))
 
 
 def outlier_figures(report, tokens: Sequence[str]) -> tuple[go.Figure, go.Figure]:

@@ -64,6 +64,27 @@ def test_heatmap_and_series_figures():
     assert len(views.heatmap_figure([], PRECISIONS).data) == 0
 
 
+def test_live_plot_json_is_what_plotly_validation_gives():
+    """The live plots are sent as plotly JSON built without plotly's validation (fast): validating that JSON must
+    change nothing, and the template must be plotly_white, untouched by the figures built from it."""
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    steps = [step(i, 1 + i % 4, budget=4.0 if i < 3 else 6.0) for i in range(6)]
+    steps[4].seconds = 0.0  # no rate for this one (None in the series)
+    specs = [views.heatmap_spec(steps, PRECISIONS), views.heatmap_spec(steps, PRECISIONS, "mlp.down_proj"),
+             views.heatmap_spec([], PRECISIONS), views.series_spec(steps), views.series_spec([])]
+    for spec in specs:
+        assert json.loads(views.figure_json(spec)) == json.loads(go.Figure(spec).to_json())
+    old_way = go.Figure()
+    old_way.update_layout(template="plotly_white")  # what the figures set before
+    assert json.loads(views.figure_json(specs[0]))["layout"]["template"] == json.loads(old_way.to_json())["layout"][
+        "template"]
+    assert views._template() == pio.templates["plotly_white"].to_plotly_json()
+
+
 def test_outlier_figures_mark_each_precisions_top_tokens():
     T = 20
     errors = {"2 bits": torch.arange(T, 0, -1).float(), "8 bits": torch.arange(T).float()}
