@@ -2,10 +2,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mobiquant import MoBiQuantConfig, MoBiQuantError, load_quantized, precision, quantize_, save_quantized
+from mobiquant.calibrate import fit_fisher_
 from mobiquant.io import WEIGHTS_FILE
+from mobiquant.route import attach_thresholds_
 
 
 def logits(model, ids, k):
@@ -103,19 +106,12 @@ def test_missing_or_foreign_directory(tmp_path):
 
 
 def test_round_trip_keeps_cost_curves_and_old_checkpoints_without_them_load(tiny_llama, routed_model, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from mobiquant.calibrate import fit_fisher_
-
     routed_model(tiny_llama, hidden=16)  # the config's router width
     fit_fisher_(tiny_llama, torch.randint(0, 96, (2, 16)), progress=False)
     save_quantized(tiny_llama, tmp_path / "new")
     loaded, _ = load_quantized(tmp_path / "new")
     assert loaded.mobiquant_thresholds == "balanced" and loaded.mobiquant_allocation == "fisher"
     ids = torch.randint(0, 96, (1, 12))
-    from mobiquant.route import attach_thresholds_
-
     attach_thresholds_(tiny_llama, "balanced", "fisher")
     with torch.no_grad(), precision(budget=4.5):
         assert torch.equal(loaded(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
