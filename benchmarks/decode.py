@@ -5,6 +5,7 @@
     python benchmarks/decode.py --compile                                # also the torch.compile'd engine step
     PYTHONUNBUFFERED=1 python benchmarks/decode.py --profile             # where a decode step's time goes
     PYTHONUNBUFFERED=1 python benchmarks/decode.py --pdl-ab              # glue + router PDL off / on, step times
+    PYTHONUNBUFFERED=1 python benchmarks/decode.py --router-ab           # router finished in v7 off / on
     python benchmarks/decode.py --glue-pdl 0                             # the engine as before the glue PDL
 
 Model: LlamaConfig of LLaMA-3-8B (hidden 4096, 32 layers, 32 heads / 8 kv heads, MLP 14336, vocab 128256), random
@@ -23,6 +24,11 @@ Rows (batch 1, greedy, a 32-token random prompt, then --tokens new tokens):
 --pdl-ab (writes results/decode_pdl_ab_h100.json instead): the step's graph recaptured with the glue kernels' and
 the router's programmatic dependent launch off and on (decode_step.PDL, router.PDL_WAIT), alternating 3 times, ms/step
 of each at fp16, budgets 2 and 4 and k = 2 (medians of graph replays), and the logits of 4 greedy steps compared.
+
+--router-ab (writes results/decode_router_ab_h100.json instead): the engine's ``fuse_router`` (the routers' fc1
+partials only, each v7 launch finishing its counts) off and on, alternating 3 times with one capture each, ms/step
+at budgets 2 and 4, at k = 2, and at budget 4 with the counts given (the counts of one routed step, fixed: the mixed k
+of the linears without the routing work), plus the logits and counts of 4 greedy steps compared (must be equal).
 
 --profile (writes results/decode_profile_h100.json instead): one engine per model, the step's CUDA graph recaptured
 for each variant (fp16: torch glue / fused glue; quantized at budget 4: the first router kernel (one program per
@@ -276,6 +282,7 @@ def profile_main(args, info):
     def variant(name, eng, setup, trace=True, check=None):
         eng.fuse_glue = setup.get("fuse", True)
         eng.fuse_linears = setup.get("linears", True)
+        eng.fuse_router = setup.get("router", False) and eng.n_linears > 0
         router_kernel.CHUNK_K = setup.get("chunk", 256)
         router_kernel.PDL_TRIGGER = setup.get("trigger", True)
         eng.capture()
@@ -316,9 +323,11 @@ def profile_main(args, info):
         variant("q_b4_split_router_torch_glue", eng, b4 | first | dict(chunk=256), check=ref)
         variant("q_b4_split_router_fused_glue", eng, b4 | first | dict(chunk=256, fuse=True), check=ref)
         variant("q_b4_+fused_linears", eng, b4 | dict(trigger=False), check=ref)
-        variant("q_b4_+router_pdl_trigger", eng, b4, check=ref)  # everything on: the engine's default
+        variant("q_b4_+router_pdl_trigger", eng, b4, check=ref)
+        variant("q_b4_+fused_router", eng, b4 | dict(router=True), check=ref)  # everything on: the default
         variant("q_k2_router1_torch_glue", eng, dict(k=2) | first, trace=False)
         variant("q_k2_all_on", eng, dict(k=2), trace=False)
+        variant("q_k2_+fused_router", eng, dict(k=2, router=True), trace=False)
         for grp in (g for blk in eng.groups for g in blk.values() if g is not None):
             grp.routed = False  # counts straight from counts_in: no router launch at all
         variant("q_k2_no_router_torch_glue", eng, dict(k=2) | first | dict(chunk=256), trace=False)
@@ -403,6 +412,68 @@ def pdl_ab_main(args, info):
     save()
 
 
+def router_ab_main(args, info):
+    res = dict(info=info, rounds=[], logits_max_abs_diff_on_vs_off={}, counts_equal_on_vs_off={})
+    out = Path(args.out).with_name("decode_router_ab_h100.json") if args.out.endswith("decode_h100.json") \
+        else Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+
+    model = build_model(args.layers)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    table = {}
+    with torch.no_grad():
+        quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
+        attach_random_routers(model)
+        eng = DecodeEngine(model, 1024, capture=False)
+        eng.fuse_router = False
+        eng.capture()
+        eng.set_budget(4.0)
+        eng.prefill(prompt)
+        fixed = eng.decode()[1].clone()  # the counts of one routed step at budget 4, given from now on
+        res["b4_given_counts_mean"] = fixed.float().mean().item()
+        res["b4_given_counts_histogram"] = [int((fixed == k).sum()) for k in range(1, 5)]
+        setups = {"budget_4": lambda: eng.set_budget(4.0), "budget_2": lambda: eng.set_budget(2.0),
+                  "k_2": lambda: eng.set_k(2), "b4_counts_given": lambda: eng.set_counts(fixed)}
+        for rnd in range(3):
+            for on in (False, True):
+                eng.fuse_router = on
+                eng.capture()
+                for name, setup in setups.items():
+                    setup()
+                    ms = graph_step_ms(eng, prompt)
+                    table.setdefault((name, on), []).append(ms)
+                    if rnd == 0:
+                        eng.prefill(prompt)
+                        lg, cs = [], []
+                        for _ in range(4):
+                            a, b = eng.decode()
+                            lg.append(a.clone())
+                            cs.append(b.clone())
+                        table[(name, on, "out")] = (lg, cs)
+                    log(f"round {rnd} fuse_router={int(on)} {name}: {ms:.4f} ms/step")
+                    res["rounds"].append(dict(round=rnd, fuse_router=on, case=name, step_ms=ms))
+                    save()
+    res["median_step_ms"] = {}
+    log("\n| case | fuse_router off, ms/step (3 rounds) | on | median off -> on |")
+    log("|---|---|---|---|")
+    for name in setups:
+        off, on = table[(name, False)], table[(name, True)]
+        (l0, c0), (l1, c1) = table[(name, False, "out")], table[(name, True, "out")]
+        d = max((a - b).abs().max().item() for a, b in zip(l0, l1))
+        eq = all(torch.equal(a, b) for a, b in zip(c0, c1))
+        res["logits_max_abs_diff_on_vs_off"][name] = d
+        res["counts_equal_on_vs_off"][name] = eq
+        res["median_step_ms"][name] = dict(off=statistics.median(off), on=statistics.median(on), off_all=off,
+                                           on_all=on)
+        log(f"| {name} | {' / '.join(f'{x:.3f}' for x in off)} | {' / '.join(f'{x:.3f}' for x in on)} | "
+            f"{statistics.median(off):.3f} -> {statistics.median(on):.3f} (logits diff {d:.3g}, counts equal {eq}) |")
+    save()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -413,6 +484,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time the engine with a torch.compile'd step")
     ap.add_argument("--profile", action="store_true", help="profile one decode step per variant (see docstring)")
     ap.add_argument("--pdl-ab", action="store_true", help="glue + router PDL off / on, step times (see docstring)")
+    ap.add_argument("--router-ab", action="store_true", help="fuse_router off / on, step times (see docstring)")
     ap.add_argument("--glue-pdl", type=int, default=1, help="0: glue and router launched without PDL (as before)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_h100.json"))
     args = ap.parse_args()
@@ -428,7 +500,9 @@ def main():
                 date=datetime.datetime.now().isoformat(timespec="seconds"), layers=args.layers,
                 new_tokens=args.tokens, prompt_tokens=args.prompt, reps=args.reps,
                 config="LLaMA-3-8B shape, random weights, fp16; slices 2,2,2,2, group 128, routers hidden 16",
-                engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger"
+                engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger, "
+                "router finished inside the linears (fuse_router)"
+                + (", fuse_router off / on alternately (A/B)" if args.router_ab else "")
                 + (", glue and router PDL off / on alternately (A/B)" if args.pdl_ab
                    else ", glue and router launched with PDL" if args.glue_pdl else ", glue and router without PDL"))
     log(info)
@@ -436,6 +510,8 @@ def main():
         return profile_main(args, info)
     if args.pdl_ab:
         return pdl_ab_main(args, info)
+    if args.router_ab:
+        return router_ab_main(args, info)
     res = dict(info=info, rows={})
     rows = res["rows"]
 

@@ -16,9 +16,14 @@ Here it is one launch per group.
 
 Grid (R, SPLIT), SPLIT = cdiv(K, CHUNK_K): program (r, c) multiplies router r's fc1 rows with x / s over its K chunk
 (BLOCK_K at a time, fp32) and stores the (HP,) partial in a workspace; the last program of router r to arrive (a
-self-resetting counter, as in sliced_gemv_cc's split-K) sums the SPLIT partials as one (SP, HP) tile, in a fixed
-order, so the result does not depend on the arrival order, and finishes fc2, the thresholds and the count in
-registers. A router whose count is given skips fc1 altogether (its first program stores counts_in).
+self-resetting counter, as in sliced_gemv_cc's split-K) finishes: ``route_finish`` sums the SPLIT partials one after
+the other (so the result does not depend on the arrival order), then b1, SiLU, fc2, the thresholds and the count.
+A router whose count is given skips fc1 altogether (its first program stores counts_in).
+
+``route_partials`` is the same launch without the finishing step (FINISH off: no counter, no last program): the v7
+linear launched after it (``sliced_gemv_cc(..., route=plan)``) runs ``route_finish`` itself in each of its programs,
+so the router's tail (counter, reload, fc2, count store, the linear's load of the count) leaves the step's critical
+path. The counts are route_counts' (same partials, same finishing code; KERNEL_NOTES.md, "fused router").
 On Hopper each program first issues ``griddepcontrol.launch_dependents``: the linear that follows (v7, launched with
 programmatic dependent launch) may then start and prefetch its weights into L2 while the router runs; it reads the
 counts only after its ``griddepcontrol.wait``, which waits for this grid to complete. The router is itself launched
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -50,12 +56,65 @@ ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;
 ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
 
 
+ASM_MUL_RN = tl.constexpr("mul.rn.f32 $0, $1, $2;")
+
+
+@triton.jit
+def sum_partials(ws_r, HP: tl.constexpr, SPLIT: tl.constexpr, CG: tl.constexpr):
+    """(HP,) fc1 sums of one router from its SPLIT partials, stored (SPLIT, HP) at ws_r, added one after the other
+    (elementwise: the order cannot depend on the layout). CG: read past L1, for partials written by other programs
+    of the same grid (the router's last program); v7 reads them after its griddepcontrol.wait, through L1, so that
+    the warps and programs of an SM share one L2 read of each line."""
+    offs_h = tl.arange(0, HP)
+    if CG:
+        acc = tl.load(ws_r + offs_h, cache_modifier=".cg")
+        for c in tl.static_range(1, SPLIT):
+            acc += tl.load(ws_r + c * HP + offs_h, cache_modifier=".cg")
+    else:
+        acc = tl.load(ws_r + offs_h)
+        for c in tl.static_range(1, SPLIT):
+            acc += tl.load(ws_r + c * HP + offs_h)
+    return acc
+
+
+@triton.jit
+def route_finish(ws_r, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, r, H: tl.constexpr, EM1: tl.constexpr,
+                 HP: tl.constexpr, SPLIT: tl.constexpr, CG: tl.constexpr, RN: tl.constexpr):
+    """Router r's count (int32 scalar) from its fc1 partials: their sum, b1, SiLU, fc2, the thresholds, the nested
+    count. Shared by the router's finishing program and v7's ROUTE prologue, so both give the same count from the
+    same partials: every tensor here is one-dimensional (HP,) and comes from a plain load, so it gets the same layout
+    in both kernels (one element per thread for HP <= 32 x the warps, KERNEL_NOTES.md "fused router"), and the
+    one reduction per score, tl.sum over the HP elements, runs the same shuffle tree in both. Its products are
+    rounded by an explicit mul.rn (RN, on the GPU): a product contracted into the first shuffle's add would make
+    the butterfly asymmetric, so that the threads of one program could disagree on a score next to τ (seen on the
+    H100: counts equal, some rows of v7 at another k)."""
+    offs_h = tl.arange(0, HP)
+    h_mask = offs_h < H
+    h = sum_partials(ws_r, HP, SPLIT, CG) + tl.load(b1_ptr + r * H + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    h = h / (1.0 + tl.exp(-h))  # SiLU; padded units stay 0
+    tau = tl.load(tau_ptr + r)
+    count = tl.full((), 1, tl.int32)
+    run = tl.full((), 1, tl.int32)
+    for e in tl.static_range(EM1):  # nested: residual slice e only if every slice before it is on
+        w2 = tl.load(w2_ptr + (r * EM1 + e) * H + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+        if RN:
+            p = tl.inline_asm_elementwise(ASM_MUL_RN, "=r,r,r", [w2, h], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            p = w2 * h
+        sc = tl.sum(p, axis=0) + tl.load(b2_ptr + r * EM1 + e).to(tl.float32)
+        on = tl.load(on_ptr + e) != 0
+        off = tl.load(off_ptr + e) != 0
+        run = run * (on | ((sc > tau) & (off == 0))).to(tl.int32)  # score forced to +inf / -inf, else compared
+        count = count + run
+    return count
+
+
 @triton.jit
 def _route_counts_kernel(
     x_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, given_ptr, cin_ptr, out_ptr, ws_ptr,
-    cnt_ptr, K, CHUNK, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr, EP: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    cnt_ptr, K, CHUNK, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr,
+    ONE_TILE: tl.constexpr, FINISH: tl.constexpr, RN: tl.constexpr,
 ):
     r = tl.program_id(0)
     c = tl.program_id(1)
@@ -77,8 +136,9 @@ def _route_counts_kernel(
                                   is_pure=False, pack=1)
     given = tl.load(given_ptr + r) != 0
     if given:  # uniform / random modes, routerless linears: no fc1 to stream
-        if c == 0:
-            tl.store(out_ptr + r, tl.load(cin_ptr + r).to(tl.int32))
+        if FINISH:
+            if c == 0:
+                tl.store(out_ptr + r, tl.load(cin_ptr + r).to(tl.int32))
     else:
         acc = tl.zeros((HP,), tl.float32)
         if ONE_TILE:
@@ -93,38 +153,19 @@ def _route_counts_kernel(
                 w = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
                             mask=h_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
                 acc += tl.sum(w * (xv / sv)[None, :], axis=1)
-        last = True
-        if SPLIT > 1:  # partial -> workspace; the last program of router r reduces (fixed order) and resets
-            ws = ws_ptr + r * (SP * HP)
-            tl.store(ws + c * HP + offs_h, acc)
-            tl.debug_barrier()  # every thread's part of the partial is written before the counter is released
-            arrived = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
-            last = arrived == SPLIT - 1
+        ws = ws_ptr + r * (SPLIT * HP)  # router r's partials, (SPLIT, HP): row c is program c's
+        tl.store(ws + c * HP + offs_h, acc)
+        if FINISH:  # else partials only: the linear after this launch (v7, ROUTE) finishes the count itself
+            tl.debug_barrier()  # every thread's part of the partial is written before it is read or released
+            last = True
+            if SPLIT > 1:  # the last program of router r finishes (the partials in a fixed order) and resets
+                arrived = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
+                last = arrived == SPLIT - 1
+                if last:
+                    tl.atomic_xchg(cnt_ptr + r, 0, sem="relaxed", scope="gpu")
             if last:
-                offs_s = tl.arange(0, SP)
-                part = tl.load(ws + offs_s[:, None] * HP + offs_h[None, :], mask=(offs_s < SPLIT)[:, None],
-                               other=0.0, cache_modifier=".cg")  # (SP, HP)
-                acc = tl.sum(part, axis=0)
-                tl.atomic_xchg(cnt_ptr + r, 0, sem="relaxed", scope="gpu")
-        if last:
-            h = acc + tl.load(b1_ptr + r * H + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-            h = h / (1.0 + tl.exp(-h))  # SiLU; padded units stay 0
-            offs_e = tl.arange(0, EP)
-            e_mask = offs_e < EM1
-            w2 = tl.load(w2_ptr + r * EM1 * H + offs_e[:, None] * H + offs_h[None, :],
-                         mask=e_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)  # (EP, HP)
-            sc = tl.sum(w2 * h[None, :], axis=1)
-            sc += tl.load(b2_ptr + r * EM1 + offs_e, mask=e_mask, other=0.0).to(tl.float32)
-            tau = tl.load(tau_ptr + r)
-            on = tl.load(on_ptr + offs_e, mask=e_mask, other=0) != 0
-            off = tl.load(off_ptr + offs_e, mask=e_mask, other=0) != 0
-            alive = (on | ((sc > tau) & (off == 0))).to(tl.int32)  # (EP,): score forced to +inf / -inf, else compared
-            count = 1
-            run = 1
-            for e in tl.static_range(EM1):  # nested: residual slice e only if every slice before it is on
-                run = run * tl.sum(tl.where(offs_e == e, alive, 0), axis=0)
-                count = count + run
-            tl.store(out_ptr + r, count.to(tl.int32))
+                tl.store(out_ptr + r, route_finish(ws, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, r, H, EM1,
+                                                   HP, SPLIT, True, RN))
 
 
 def _pdl(device) -> bool:
@@ -154,37 +195,90 @@ def _i8(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int8) if t.dtype == torch.bool else t
 
 
+def _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name):
+    R, H, K = w1.shape
+    EM1 = w2.shape[1]
+    if x.numel() != K or s.shape != (R, K) or w2.shape != (R, EM1, H) or tau.shape != (R,):
+        raise ValueError(f"{name}: x {tuple(x.shape)}, s {tuple(s.shape)}, w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)}, tau {tuple(tau.shape)} do not fit")
+    if counts_in.dtype != torch.int32:
+        raise ValueError("counts_in must be int32")
+    chunk = min(chunk_k or CHUNK_K, K)
+    split = triton.cdiv(K, chunk)
+    HP = max(triton.next_power_of_2(H), 2)
+    return R, H, K, EM1, chunk, split, HP
+
+
+def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, finish, name):
+    R, H, K, EM1, chunk, split, HP = _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name)
+    block_k = min(256, triton.next_power_of_2(chunk))
+    # the router's own partials and counters: never shared with the linears' split-K counters, whose PDL launches
+    # may overlap a router launch
+    ws, cnt = _scratch(x.device, R * split * HP, R, store=_SCRATCH)
+    pdl = _pdl(x.device)
+    wait = PDL_WAIT and pdl and _pdl_launch()
+    _route_counts_kernel[(R, split)](
+        x.reshape(-1), s, w1, b1, w2, b2, tau, _i8(force_on), _i8(force_off), _i8(given), counts_in, out, ws, cnt,
+        K, chunk, H=H, EM1=EM1, HP=HP, BLOCK_K=block_k, SPLIT=split,
+        TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k, FINISH=finish,
+        RN=x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=4,
+        **({"launch_pdl": True} if wait else {}),
+    )
+    return ws, dict(H=H, EM1=EM1, HP=HP, SPLIT=split)
+
+
 def route_counts(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                  b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
                  given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None,
                  chunk_k: int | None = None) -> torch.Tensor:
     """counts (R,) int32 for one token (module docstring). All tensors contiguous on x's device. No host sync.
     chunk_k: K per program (default CHUNK_K, a multiple of BLOCK_K = 256 unless smaller; >= K: one per router)."""
-    R, H, K = w1.shape
-    EM1 = w2.shape[1]
-    if x.numel() != K or s.shape != (R, K) or w2.shape != (R, EM1, H) or tau.shape != (R,):
-        raise ValueError(f"route_counts: x {tuple(x.shape)}, s {tuple(s.shape)}, w1 {tuple(w1.shape)}, "
-                         f"w2 {tuple(w2.shape)}, tau {tuple(tau.shape)} do not fit")
-    if counts_in.dtype != torch.int32:
-        raise ValueError("counts_in must be int32")
-    out = torch.empty(R, dtype=torch.int32, device=x.device) if out is None else out
-    chunk = min(chunk_k or CHUNK_K, K)
-    block_k = min(256, triton.next_power_of_2(chunk))
-    split = triton.cdiv(K, chunk)
-    HP = max(triton.next_power_of_2(H), 2)
-    SP = max(triton.next_power_of_2(split), 2)
-    # the router's own partials and counters: never shared with the linears' split-K counters, whose PDL launches
-    # may overlap a router launch
-    ws, cnt = _scratch(x.device, R * SP * HP if split > 1 else 1, R, store=_SCRATCH)
-    pdl = _pdl(x.device)
-    wait = PDL_WAIT and pdl and _pdl_launch()
-    _route_counts_kernel[(R, split)](
-        x.reshape(-1), s, w1, b1, w2, b2, tau, _i8(force_on), _i8(force_off), _i8(given), counts_in, out, ws, cnt,
-        K, chunk, H=H, EM1=EM1, HP=HP, EP=max(triton.next_power_of_2(EM1), 2), BLOCK_K=block_k, SPLIT=split, SP=SP,
-        TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k, num_warps=4,
-        **({"launch_pdl": True} if wait else {}),
-    )
+    out = torch.empty(w1.shape[0], dtype=torch.int32, device=x.device) if out is None else out
+    _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, True, "route_counts")
     return out
 
 
-__all__ = ["route_counts", "CHUNK_K"]
+@dataclass
+class RoutePlan:
+    """What v7 needs to finish the counts of R routers whose fc1 partials ``route_partials`` launched: the
+    workspace (R, SPLIT, HP) fp32, the routers' fc1 bias and fc2, the thresholds and flags, and ``out`` (R,) int32,
+    where the first program of each weight's launch stores its router's count (the count ``route_counts`` gives).
+    r_off: the router of the launch's first weight (the multi-weight launch takes routers r_off, r_off + 1, ...)."""
+
+    ws: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    tau: torch.Tensor
+    force_on: torch.Tensor
+    force_off: torch.Tensor
+    given: torch.Tensor
+    counts_in: torch.Tensor
+    out: torch.Tensor
+    meta: dict = field(default_factory=dict)
+    r_off: int = 0
+
+    def args(self) -> list:
+        return [self.ws, self.b1, self.w2, self.b2, self.tau, _i8(self.force_on), _i8(self.force_off),
+                _i8(self.given), self.counts_in, self.out]
+
+
+def route_partials(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
+                   given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None,
+                   chunk_k: int | None = None) -> RoutePlan:
+    """The first half of ``route_counts``: the same launch with FINISH off, so its programs only store their fc1
+    partials (a router whose count is given stores nothing); no counter, no last program. The linear launched next
+    (``sliced_gemv_cc(..., route=plan)``) sums them, finishes fc2 and the thresholds in each program and stores the
+    counts in ``plan.out`` (default: a new (R,) int32 tensor): equal to ``route_counts``' on the same inputs, since
+    both run ``sum_partials`` and ``route_finish`` on the same partials. The workspace is this module's, reused by
+    the next router launch: the linear must run before it (in one stream, with PDL or not, it does)."""
+    if w1.shape[1] > 64:  # route_finish's layout argument: at most one hidden unit per thread of a 2-warp program
+        raise ValueError(f"route_partials: router hidden size {w1.shape[1]} above 64")
+    out = torch.empty(w1.shape[0], dtype=torch.int32, device=x.device) if out is None else out
+    ws, meta = _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, False,
+                       "route_partials")
+    return RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, meta)
+
+
+__all__ = ["route_counts", "route_partials", "RoutePlan", "CHUNK_K"]

@@ -62,6 +62,7 @@ import triton.language as tl
 
 from ._tile import load_planes, merge_planes_ptx
 from .layout import PackedSlices
+from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch
 from .tuning import lookup
 
@@ -313,15 +314,22 @@ def _sliced_gemv_cc_kernel(
     x_ptr, y_ptr, k_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr,
     N, G, stride_xm, stride_ym, plane_stride,
     w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
+    rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, L2PF: tl.constexpr, PDL: tl.constexpr,
-    NSEG: tl.constexpr,
+    NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
+    RSPLIT: tl.constexpr,
 ):
     """x_ptr: x as int32 pairs (M, K/2); stride_xm in int32 units.
 
     NSEG > 1: up to three weights of one input (w, w1, w2 with N, N1, N2 rows) in one launch, their outputs side by
     side in y (M, N + N1 + N2); the n-tiles of weight s follow those of the weights before it, and token m of weight
-    s takes k[m, s] (k (M, NSEG)). NSEG = 1 compiles to the single-weight kernel."""
+    s takes k[m, s] (k (M, NSEG)). NSEG = 1 compiles to the single-weight kernel.
+
+    ROUTE: the slice count of weight s is not read from k but finished here from router R_OFF + s's fc1 partials,
+    which the router launch before this one stored (router.route_partials; rws (R, RSPLIT, RHP) fp32):
+    every program sums them, applies fc2 and the thresholds (router.route_finish: the router kernel's own code), and
+    the first program of each weight stores the count at rout[R_OFF + s]. A given count (rgiven) is rcin's."""
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -359,35 +367,49 @@ def _sliced_gemv_cc_kernel(
     xi_base = x_ptr + m * stride_xm
     n_c = tl.minimum(offs_n, N - 1)  # rows past N read row N - 1 (never stored)
     w_row1 = w_ptr + n_c * K_words  # (BN,) for the L2 prefetch
+    # cp.async.bulk.prefetch.L2 takes 16-byte aligned addresses and sizes: groups of a multiple of 64 weights
+    L2OK: tl.constexpr = GROUP % 64 == 0
     if PDL:
         # Programmatic dependent launch: this program may start while the previous kernel still runs. Before the
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
         # into L2. x, k, y and the split-K workspace are touched only after the wait.
-        nbytes = tl.zeros((BLOCK_N,), tl.int32) + (g_hi - g_lo) * (WPG * 4)
-        tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [(w_row1 + g_lo * WPG).to(tl.int64, bitcast=True), nbytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        if L2OK:
+            nbytes = tl.zeros((BLOCK_N,), tl.int32) + (g_hi - g_lo) * (WPG * 4)
+            tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [(w_row1 + g_lo * WPG).to(tl.int64, bitcast=True),
+                                                            nbytes], dtype=tl.int32, is_pure=False, pack=1)
         one = tl.full((1,), 0, tl.int32)
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
-    kt = tl.minimum(tl.maximum(tl.load(k_ptr + m * NSEG + seg), 1), E)
+    if ROUTE:  # one token (M = 1): the count from the router's partials, as router.route_counts finishes it
+        r = R_OFF + seg
+        if tl.load(rgiven_ptr + r) != 0:
+            cnt = tl.load(rcin_ptr + r)
+        else:
+            cnt = route_finish(rws_ptr + r * (RSPLIT * RHP), rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr,
+                               r, RH, REM1, RHP, RSPLIT, False, USE_ASM)
+        if (pid_n == 0) & (pid_k == 0):
+            tl.store(rout_ptr + r, cnt)
+        kt = tl.minimum(tl.maximum(cnt, 1), E)
+    else:
+        kt = tl.minimum(tl.maximum(tl.load(k_ptr + m * NSEG + seg), 1), E)
     s_row = s_ptr + n_c[:, None]
     z_row = z_ptr + n_c[:, None]
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     elif kt == 2:
         if E >= 2:
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     elif kt == 3:
         if E >= 3:
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     else:
         if E >= 4:
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM)
+                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     yv = yv * 16.0
     y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
     if SPLIT_K == 1:
@@ -429,14 +451,18 @@ def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
     return dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=1, PDL=1)
 
 
-def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k: torch.Tensor,
+def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k: torch.Tensor | None,
                    out: torch.Tensor | None = None, config: dict | None = None,
-                   use_asm: bool | None = None) -> torch.Tensor:
+                   use_asm: bool | None = None, route: RoutePlan | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32.
 
     ``packed`` may also be a list of 2 or 3 weights of the same input (q/k/v, gate/up: same K, slices and group
     size): one launch computes y = [x Ŵ_1ᵀ, x Ŵ_2ᵀ, ...] (M, N_1 + N_2 + ...), weight s at k[:, s] (k (M, S)). The
     launch configuration is looked up for the total N.
+
+    ``route`` (one token; k is then ignored, None allowed): the counts come from the router launch before this one
+    (``router.route_partials``), weight s from router route.r_off + s; each is finished in the kernel and stored
+    in route.out.
     """
     packs = list(packed) if isinstance(packed, (list, tuple)) else [packed]
     p0 = packs[0]
@@ -445,6 +471,12 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     if any((p.in_features, p.num_slices, p.group_size) != (p0.in_features, p0.num_slices, p0.group_size)
            for p in packs):
         raise ValueError("the weights of one launch must share K, the slice count and the group size")
+    if route is not None:
+        if x.dim() != 2 or x.shape[0] != 1:
+            raise ValueError(f"sliced_gemv_cc with route takes one token, got x {tuple(x.shape)}")
+        if route.r_off + len(packs) > route.out.numel():
+            raise ValueError(f"route has {route.out.numel()} routers, the launch needs {route.r_off + len(packs)}")
+        k = route.out[:len(packs)].view(1, -1) if len(packs) > 1 else route.out[:1]  # shape only: ROUTE reads none
     if len(packs) > 1:
         if k.dim() != 2 or k.shape[1] != len(packs):
             raise ValueError(f"k must be (M, {len(packs)}) for {len(packs)} weights, got {tuple(k.shape)}")
@@ -472,11 +504,18 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     for i in (1, 2):
         p = packs[i] if i < len(packs) else p0
         rest += [p.qweight, p.scale, p.zero, p.out_features if i < len(packs) else 0, p.qweight[0].numel()]
+    if route is not None:
+        rm = route.meta
+        rargs = route.args() + [route.r_off]
+        rconst = dict(ROUTE=True, RH=rm["H"], REM1=rm["EM1"], RHP=rm["HP"], RSPLIT=rm["SPLIT"])
+    else:
+        rargs = [k] * 10 + [0]
+        rconst = dict(ROUTE=False, RH=1, REM1=1, RHP=2, RSPLIT=1)
     _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
         xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt,
-        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest,
+        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
-        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl, NSEG=len(packs),
+        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl, NSEG=len(packs), **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),

@@ -33,6 +33,10 @@ through its own forward, so that every shape is static and nothing leaves the de
   mobiquant/ops.py: residual add + RMSNorm, rotary + cache write, attention over the valid cache slots, SiLU·up),
   and ``fuse_linears`` runs q/k/v and gate/up as one launch each (``sliced_linear_multi``), each linear still at
   its own slice count. Prefill keeps the torch glue. KERNEL_NOTES.md ("decode step") has the profile.
+  ``fuse_router`` (on by default for fp16 with ``fuse_linears``): a routed group's router launch only stores its
+  fc1 partials, and the linear's v7 launch after it finishes the counts in each program (the router kernel's own
+  finishing code, so the counts equal ``route_counts``'), which takes the router's tail off the step's critical
+  path (KERNEL_NOTES.md, "fused router").
 * **Modes**: ``set_budget`` (routers), ``set_k`` (uniform) and ``set_counts`` (counts given per linear, e.g. the
   random baseline drawn on the host exactly as the torch path draws them) only write device tensors.
 
@@ -127,7 +131,7 @@ class DecodeEngine:
 
     def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
                  capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
-                 fuse_linears: bool | None = None):
+                 fuse_linears: bool | None = None, fuse_router: bool | None = None):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -153,6 +157,11 @@ class DecodeEngine:
             raise MoBiQuantError("fuse_glue needs fp16/bf16 weights, RMSNorm norms and a SiLU MLP")
         # q/k/v and gate/up as one launch each in the fused decode step (the kernels only)
         self.fuse_linears = (self.fuse_glue and self.use_kernels) if fuse_linears is None else bool(fuse_linears)
+        # routers finished inside the linear after them (fp16, one launch per group): router.route_partials + v7
+        fits = self.fuse_linears and self.dtype == torch.float16 and not compile
+        self.fuse_router = fits if fuse_router is None else bool(fuse_router)
+        if self.fuse_router and not fits:
+            raise MoBiQuantError("fuse_router needs fuse_linears, fp16 weights and no compile")
         dev = dict(device=self.device)
         with torch.no_grad():
             self._build_linears()
@@ -337,6 +346,34 @@ class DecodeEngine:
             y = torch.where((c == k)[:, None], F.linear(x, W[k - 1], mod.bias), y)
         return y
 
+    def _fused_route(self, group: _Group | None, one_launch: bool) -> bool:
+        """Whether a group's counts are finished inside its linears' launch (fuse_router, routed, one launch)."""
+        return self.fuse_router and self.fuse_linears and one_launch and group is not None and group.routed
+
+    def _route_linear(self, group: _Group, entry, x: torch.Tensor, th):
+        """A routed group at one token, the router finished inside the linear: the router launch stores its fc1
+        partials only (router.route_partials), and the v7 launch after it sums them, applies fc2 and the thresholds
+        in each program (the router kernel's own code, so the counts are route_counts') and stores the counts.
+        entry: a ``multi`` entry (q/k/v, gate/up) or a (module, index) pair (o, down).
+        Returns (counts (1, R) int32, the R outputs (1, N_r))."""
+        from .kernels.layout import PackedSlices
+        from .kernels.router import route_partials
+        from .kernels.sliced_gemv_cc import sliced_gemv_cc
+
+        lo, hi = group.lo, group.hi
+        if len(entry) == 2:  # one linear
+            mod, j = entry
+            packs, bias, splits = [self.packed[j]], mod.bias, [mod.out_features]
+        else:
+            qw, sc, zr, bias, splits, group_size = entry
+            packs = [PackedSlices(q, s, z, group_size) for q, s, z in zip(qw, sc, zr)]
+        plan = route_partials(x.reshape(-1), group.s, group.w1, group.b1, group.w2, group.b2, th[0][lo:hi], th[1],
+                              th[2], self.given[lo:hi], self.counts_in[lo:hi])
+        y = sliced_gemv_cc(x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return plan.out[None], y.split(splits, dim=-1)
+
     def _linear_multi(self, entry, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A group's linears (all quantized) in one launch: counts (1, R) -> R outputs (views of one (1, ΣN))."""
         qw, sc, zr, bias, splits, group_size = entry
@@ -415,24 +452,38 @@ class DecodeEngine:
 
             ln = layer.input_layernorm
             h, x = mq.add_rms_norm(h, pending, ln.weight, ln.variance_epsilon)
-            c = self._route(grp["qkv"], x, th, None)
-            if self.fuse_linears and "qkv" in mul:
-                q, k, v = self._linear_multi(mul["qkv"], x, c)
+            if self._fused_route(grp["qkv"], "qkv" in mul):
+                c, (q, k, v) = self._route_linear(grp["qkv"], mul["qkv"], x, th)
             else:
-                q, k, v = (lin(n, x, c, grp["qkv"]) for n in ("q_proj", "k_proj", "v_proj"))
+                c = self._route(grp["qkv"], x, th, None)
+                if self.fuse_linears and "qkv" in mul:
+                    q, k, v = self._linear_multi(mul["qkv"], x, c)
+                else:
+                    q, k, v = (lin(n, x, c, grp["qkv"]) for n in ("q_proj", "k_proj", "v_proj"))
             q = mq.rope_kv(q, k, v, self.cos, self.sin, positions, self.k_cache[l], self.v_cache[l])  # (H, D)
             o = mq.decode_attention(q, self.k_cache[l], self.v_cache[l], positions, self.window or 0,
                                     self.scaling)[None]  # (1, H*D)
-            co = self._route(grp["o"], o, th, None)
-            ln = layer.post_attention_layernorm
-            h, x = mq.add_rms_norm(h, lin("o_proj", o, co, grp["o"]), ln.weight, ln.variance_epsilon)
-            cg = self._route(grp["gu"], x, th, None)
-            if self.fuse_linears and "gu" in mul:
-                a = mq.silu_mul(*self._linear_multi(mul["gu"], x, cg))
+            if self._fused_route(grp["o"], True):
+                co, (y,) = self._route_linear(grp["o"], blk["o_proj"], o, th)
             else:
-                a = mq.silu_mul(lin("gate_proj", x, cg, grp["gu"]), lin("up_proj", x, cg, grp["gu"]))
-            cd = self._route(grp["down"], a, th, None)
-            pending = lin("down_proj", a, cd, grp["down"])
+                co = self._route(grp["o"], o, th, None)
+                y = lin("o_proj", o, co, grp["o"])
+            ln = layer.post_attention_layernorm
+            h, x = mq.add_rms_norm(h, y, ln.weight, ln.variance_epsilon)
+            if self._fused_route(grp["gu"], "gu" in mul):
+                cg, gu = self._route_linear(grp["gu"], mul["gu"], x, th)
+                a = mq.silu_mul(*gu)
+            else:
+                cg = self._route(grp["gu"], x, th, None)
+                if self.fuse_linears and "gu" in mul:
+                    a = mq.silu_mul(*self._linear_multi(mul["gu"], x, cg))
+                else:
+                    a = mq.silu_mul(lin("gate_proj", x, cg, grp["gu"]), lin("up_proj", x, cg, grp["gu"]))
+            if self._fused_route(grp["down"], True):
+                cd, (pending,) = self._route_linear(grp["down"], blk["down_proj"], a, th)
+            else:
+                cd = self._route(grp["down"], a, th, None)
+                pending = lin("down_proj", a, cd, grp["down"])
             all_counts += [t for t in (c, co, cg, cd) if t is not None]
         _, x = mq.add_rms_norm(h, pending, self.base.norm.weight, self.base.norm.variance_epsilon)
         logits = F.linear(x, self.model.lm_head.weight, self.model.lm_head.bias)[0].float()

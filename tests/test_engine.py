@@ -124,6 +124,45 @@ def test_fused_decode_glue_matches_torch_glue(fixture, routed_model, request):
     assert sum(agree) / len(agree) > 0.9  # fp16 activations: a score next to τ may fall either side
 
 
+@pytest.mark.parametrize("allocation", ["nested", "band"])
+def test_fused_router_equals_router_kernel(tiny_llama, routed_model, allocation):
+    """fuse_router (the routers' fc1 partials, then each linear finishing its counts) against the same engine with
+    the router kernel finishing them: counts and logits equal, bit for bit, at budgets (nested and band), uniform k
+    and given (random) counts; the trace's counts come out in the same order."""
+    pytest.importorskip("triton")
+    model = routed_model(tiny_llama)
+    attach_thresholds_(model, "layer", allocation)
+    model = model.half().to(DEVICE)
+    ef = DecodeEngine(model, 24, use_kernels=True, capture=False)
+    er = DecodeEngine(model, 24, use_kernels=True, capture=False, fuse_router=False)
+    assert ef.fuse_router and not er.fuse_router
+    ids = torch.randint(0, 96, (3,), device=DEVICE)
+    given = torch.randint(1, 5, (ef.n_linears,), generator=torch.Generator().manual_seed(3))
+    setups = [lambda e: e.set_budget(5.0), lambda e: e.set_budget(3.25), lambda e: e.set_k(3),
+              lambda e: e.set_counts(given)]
+    seen = set()
+    for setup in setups:
+        for e in (ef, er):
+            setup(e)
+            e.prefill(ids)
+        for _ in range(2):
+            tok = int(torch.randint(0, 96, (1,)))
+            (l1, c1), (l2, c2) = ef.decode(tok), er.decode(tok)
+            assert torch.equal(c1, c2) and torch.equal(l1, l2)
+            seen |= set(c1.tolist())
+    assert len(seen) > 2
+
+
+def test_fused_router_needs_fp16_and_fused_linears(tiny_llama, routed_model):
+    from mobiquant import MoBiQuantError
+
+    pytest.importorskip("triton")
+    model = routed_model(tiny_llama).half().to(DEVICE)
+    with pytest.raises(MoBiQuantError, match="fuse_router"):
+        DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_linears=False, fuse_router=True)
+    assert not DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_linears=False).fuse_router
+
+
 def test_fused_glue_needs_a_fitting_model(tiny_llama):
     from mobiquant import MoBiQuantError
 

@@ -1,0 +1,233 @@
+"""The router finished inside v7 (router.route_partials + sliced_gemv_cc(route=...)) against the router kernel
+(router.route_counts) followed by v7 with the counts given: the counts must be equal, bit for bit, and so the outputs.
+
+CPU: Triton's interpreter, irregular shapes (K not a multiple of the router's chunk, hidden sizes 7 and 16, E = 3
+and 4, 1..5 partials per router), one to three weights per launch, a launch of one weight of a larger router group
+(r_off), given counts and band forcing mixed in, fresh random inputs, poisoned counts and outputs.
+GPU (`pytest -m gpu`): the same, plus thresholds swept ulp by ulp across the scores at the LLaMA-3-8B router shapes
+(16 and 56 partials, v7 on 4 and on 2 warps), and one decode block's chain captured in a CUDA graph with PDL.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_helpers import DEVICE, make_weight  # noqa: E402
+from mobiquant.kernels import pack_slices, sliced_gemv_cc  # noqa: E402
+from mobiquant.kernels import router as rk  # noqa: E402
+
+from mobiquant.ops import router_scores  # noqa: E402
+
+_SEED = iter(range(90_000, 99_000))
+
+
+def weights(Ns, K, group):
+    out = []
+    for N in Ns:
+        planes, s1, z1, _ = make_weight(N, K, group, next(_SEED), DEVICE, 0.05)
+        out.append(pack_slices(planes, s1, z1))
+    return out
+
+
+def router_stack(R, H, K, E, g, dtype=torch.float32):
+    """R routers as the engine stacks them (s, w1, b1, w2, b2), fp32 (engine) or fp16 storage."""
+    s = torch.rand(R, K, generator=g) + 0.5
+    w1 = torch.randn(R, H, K, generator=g) * K ** -0.5
+    b1 = torch.randn(R, H, generator=g) * 0.1
+    w2 = torch.randn(R, E - 1, H, generator=g) * H ** -0.5
+    b2 = torch.randn(R, E - 1, generator=g) * 0.05
+    return [s.to(DEVICE)] + [t.to(dtype).to(DEVICE) for t in (w1, b1, w2, b2)]
+
+
+def flags(R, E, g, band=False, given_p=0.0):
+    """tau placeholder, force_on / force_off, given, counts_in."""
+    if band:
+        b = int(torch.randint(1, E + 1, (1,), generator=g))
+        on = torch.tensor([c < b - 1 for c in range(E - 1)])
+        off = torch.tensor([c > b - 1 for c in range(E - 1)])
+    else:
+        on = off = torch.zeros(E - 1, dtype=torch.bool)
+    given = torch.rand(R, generator=g) < given_p
+    cin = torch.randint(1, E + 1, (R,), generator=g, dtype=torch.int32)
+    return [t.to(DEVICE) for t in (on, off, given, cin)]
+
+
+def fused_vs_chain(x, packs, rt, tau, fl, chunk_k=None, r_off=0, config=None):
+    """(counts, y) of both paths; asserts they are equal and that the fused path wrote every count it owns."""
+    s, w1, b1, w2, b2 = rt
+    on, off, given, cin = fl
+    R = w1.shape[0]
+    args = (x, s, w1, b1, w2, b2, tau, on, off, given, cin)
+    ref_counts = rk.route_counts(*args, chunk_k=chunk_k)
+    S = len(packs)
+    k = ref_counts[r_off:r_off + S].reshape(1, S).contiguous()
+    y_ref = sliced_gemv_cc(x[None], packs if S > 1 else packs[0], k if S > 1 else k[0], config=config)
+    out = torch.full((R,), -7, dtype=torch.int32, device=DEVICE)  # poisoned: the fused launch must write its counts
+    plan = rk.route_partials(*args, out=out, chunk_k=chunk_k)
+    plan.r_off = r_off
+    y = torch.full_like(y_ref, float("nan"))
+    sliced_gemv_cc(x[None], packs if S > 1 else packs[0], None, out=y, config=config, route=plan)
+    mine = torch.zeros(R, dtype=torch.bool)
+    mine[r_off:r_off + S] = True
+    assert torch.equal(out.cpu()[mine], ref_counts.cpu()[mine])
+    assert (out.cpu()[~mine] == -7).all()  # routers of other launches: untouched
+    assert torch.equal(y, y_ref)  # same counts -> same v7 work, bit for bit
+    return ref_counts, y
+
+
+@pytest.mark.parametrize("Ns,K,group,H,E,chunk_k", [
+    ([200, 72, 72], 320, 64, 16, 4, 64),  # q/k/v-like, 5 partials per router
+    ([130], 640, 128, 7, 4, None),  # one weight, 3 partials of 256 (the last one short), hidden 7
+    ([96, 96], 256, 128, 16, 3, 1 << 20),  # gate/up-like, one partial per router, E = 3
+    ([72, 40], 384, 32, 16, 4, 100),  # 4 partials, group 32
+])
+def test_fused_counts_equal_router_kernel(Ns, K, group, H, E, chunk_k):
+    g = torch.Generator().manual_seed(next(_SEED))
+    packs = weights(Ns, K, group)
+    R = len(Ns)
+    seen = set()
+    for trial in range(4):
+        rt = router_stack(R, H, K, E, g, torch.float16 if trial % 2 else torch.float32)
+        x = torch.randn(K, generator=g).half().to(DEVICE)
+        sc = router_scores(x[None], *rt)[0]  # (R, E-1)
+        tau = (sc[:, trial % (E - 1)] + torch.tensor([1e-2, -1e-2, 3e-3])[:R].to(DEVICE)).float()
+        fl = flags(R, E, g, band=trial == 3, given_p=0.3 if trial >= 2 else 0.0)
+        counts, _ = fused_vs_chain(x, packs, rt, tau, fl, chunk_k)
+        seen |= set(counts.tolist())
+    assert len(seen) > 1
+
+
+def test_one_weight_of_a_router_group():
+    """A launch of the second weight of a 3-router group (r_off = 1): only its router's count is written."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    packs = weights([100], 256, 64)
+    for r_off in (0, 1, 2):
+        rt = router_stack(3, 16, 256, 4, g)
+        x = torch.randn(256, generator=g).half().to(DEVICE)
+        tau = router_scores(x[None], *rt)[0][:, 0].float() + 1e-2
+        fused_vs_chain(x, packs, rt, tau, flags(3, 4, g), chunk_k=64, r_off=r_off)
+
+
+def test_route_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(1)
+    packs = weights([64, 64], 128, 64)
+    rt = router_stack(1, 16, 128, 4, g)
+    x = torch.randn(128, generator=g).half().to(DEVICE)
+    tau = torch.zeros(1, device=DEVICE)
+    plan = rk.route_partials(x, *rt, tau, *flags(1, 4, g))
+    with pytest.raises(ValueError, match="routers"):
+        sliced_gemv_cc(x[None], packs, None, route=plan)  # 2 weights, 1 router
+    with pytest.raises(ValueError, match="one token"):
+        sliced_gemv_cc(torch.stack([x, x]), packs[0], None, route=plan)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Ns,K,config", [
+    ([256, 128, 128], 4096, dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, num_stages=1, PF=1, PDL=1)),
+    ([256], 14336, dict(BLOCK_N=64, GPI=1, SPLIT_K=16, num_warps=2, num_stages=1, PF=1, PDL=1)),  # down: 2 warps
+])
+def test_gpu_thresholds_swept_ulp_by_ulp(Ns, K, config):
+    """τ stepped one fp32 ulp at a time across each router's first score, as the router kernel computes it (found
+    by bisection on its count): a score one ulp apart between the router's finishing program and v7's programs
+    would give different counts at one of the steps."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    packs = weights(Ns, K, 128)
+    R, E = len(Ns), 4
+    for _ in range(2):
+        rt = router_stack(R, 16, K, E, g, torch.float16)
+        x = torch.randn(K, generator=g).half().to(DEVICE)
+        fl = flags(R, E, g)
+        base = router_scores(x[None], *rt)[0][:, 0].float()  # torch's order: near the kernel's score
+        lo, hi = base - 1e-3 * base.abs() - 1e-6, base + 1e-3 * base.abs() + 1e-6
+        for _ in range(60):  # count >= 2 at τ = lo (score above), 1 at hi: bisect to the kernel's score
+            mid = (lo + hi) / 2
+            on = rk.route_counts(x, *rt, mid, *fl) >= 2
+            lo, hi = torch.where(on, mid, lo), torch.where(on, hi, mid)
+        assert (rk.route_counts(x, *rt, lo, *fl) >= 2).all() and (rk.route_counts(x, *rt, hi, *fl) == 1).all()
+        seen = set()
+        for j in range(-6, 7):
+            tau = hi.clone()
+            for _ in range(abs(j)):
+                tau = torch.nextafter(tau, torch.full_like(tau, float("inf") if j > 0 else float("-inf")))
+            counts, _ = fused_vs_chain(x, packs, rt, tau, fl, config=config)
+            seen.add(tuple((counts >= 2).tolist()))
+        assert len(seen) > 1  # the sweep crossed the scores
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_block_chain_fused_router_in_graph_equals_router_kernel_chain():
+    """One decode block's launches with the fused router (router partials, then v7 finishing the counts; glue,
+    routers and v7 with PDL) captured in a CUDA graph, against the same block with route_counts and v7 reading the
+    counts, launched eagerly: every output and count equal, bit for bit, at 3 replays on fresh inputs (outputs and
+    counts poisoned before each replay), at thresholds that make the counts vary."""
+    from mobiquant.kernels import decode_step as ds
+
+    D, F, H, KV, DH, S, pos = 1024, 2816, 8, 2, 128, 64, 50
+    g = torch.Generator().manual_seed(4343)
+    p_qkv = weights([H * DH, KV * DH, KV * DH], D, 128)
+    p_o, p_gu, p_d = weights([D], H * DH, 128), weights([F, F], D, 128), weights([D], F, 128)
+    rq, ro, rg, rd = (router_stack(R, 16, K, 4, g) for R, K in ((3, D), (1, H * DH), (2, D), (1, F)))
+    fq, fo, fg, fd = (flags(R, 4, g) for R in (3, 1, 2, 1))
+    taus = [torch.randn(R, generator=g).to(DEVICE) * 0.05 for R in (3, 1, 2, 1)]
+    wn = (torch.randn(D, generator=g) * 0.5 + 1).half().to(DEVICE)
+    ang = torch.rand(S, DH // 2, generator=g) * 6.3
+    cos = torch.cat([ang.cos(), ang.cos()], -1).half().to(DEVICE)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).half().to(DEVICE)
+    p = torch.tensor([pos], device=DEVICE)
+
+    def lin(x, packs, rt, tau, fl, fused):
+        x = x.reshape(-1)
+        args = (x, *rt, tau, *fl)
+        if fused:
+            plan = rk.route_partials(*args)
+            return plan.out, sliced_gemv_cc(x[None], packs if len(packs) > 1 else packs[0], None, route=plan)[0]
+        c = rk.route_counts(*args)
+        k = c.reshape(1, -1) if len(packs) > 1 else c
+        return c, sliced_gemv_cc(x[None], packs if len(packs) > 1 else packs[0], k)[0]
+
+    def block(h0, r0, kc, vc, fused):
+        h1, x1 = ds.add_rms_norm(h0, r0, wn, 1e-5)
+        c1, qkv = lin(x1, p_qkv, rq, taus[0], fq, fused)
+        q, k, v = qkv[:H * DH], qkv[H * DH:(H + KV) * DH], qkv[(H + KV) * DH:]
+        o = ds.decode_attention(ds.rope_kv(q, k, v, cos, sin, p, kc, vc), kc, vc, p, 0, DH ** -0.5)
+        c2, yo = lin(o, p_o, ro, taus[1], fo, fused)
+        h2, x2 = ds.add_rms_norm(h1, yo[None], wn, 1e-5)
+        c3, gu = lin(x2, p_gu, rg, taus[2], fg, fused)
+        a = ds.silu_mul(gu[:F], gu[F:])
+        c4, d = lin(a, p_d, rd, taus[3], fd, fused)
+        return [h1, x1, qkv, o, h2, x2, gu, a, d, c1, c2, c3, c4]
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).half().to(DEVICE)
+
+    h0, r0 = rnd(1, D, scale=3.0), rnd(1, D)
+    kc, vc = rnd(KV, S, DH), rnd(KV, S, DH)
+    block(h0, r0, kc.clone(), vc.clone(), True)  # warm-up: compile, workspaces
+    block(h0, r0, kc.clone(), vc.clone(), False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = block(h0, r0, kc, vc, True)
+    seen = set()
+    for _ in range(3):
+        h0.copy_(rnd(1, D, scale=3.0))
+        r0.copy_(rnd(1, D))
+        kc0, vc0 = rnd(KV, S, DH), rnd(KV, S, DH)
+        kr, vr = kc0.clone(), vc0.clone()
+        ref = block(h0, r0, kr, vr, False)
+        torch.cuda.synchronize()
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        for t in outs:
+            t.fill_(-7 if t.dtype == torch.int32 else float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(outs, ref):
+            assert torch.equal(a, b)
+        assert torch.equal(kc, kr) and torch.equal(vc, vr)
+        seen |= set(torch.cat([c.cpu() for c in ref[-4:]]).tolist())
+    assert len(seen) > 1  # the counts vary
