@@ -63,3 +63,20 @@ def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "mobiquant_config.json").write_text("{}")
     with pytest.raises(MoBiQuantError, match="--checkpoint"):
         load_model(str(tmp_path))
+
+
+def test_gguf_is_parsed_once_while_loading_and_the_module_is_restored():
+    gguf = pytest.importorskip("gguf")
+    path = models_mod.embedded_gguf_path()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models_mod._gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the tokenizer, config and weights share one parse
+        assert isinstance(first, reader) and "general.architecture" in first.fields
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == "llama")
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+        assert gguf.get_tensor_name_map(arch, 30).get_name("model.layers.3.mlp.down_proj") == "blk.3.ffn_down"
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map
+    with pytest.raises(RuntimeError), models_mod._gguf_parsed_once():  # restored on errors too
+        raise RuntimeError
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map

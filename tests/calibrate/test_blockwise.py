@@ -66,6 +66,20 @@ def test_save_load_keeps_routers_and_thresholds(tiny_llama, tokens, tmp_path):
             assert torch.equal(loaded(input_ids=ids).logits, cal(input_ids=ids).logits)
 
 
+def test_stage_two_without_clip_refinement_keeps_the_clipping_and_trains_the_routers(tiny_llama, tokens):
+    """refine_clip=False: stage 2 trains the routers only, so block 0's clipping is its stage-1 clipping, the same
+    as a run without stage 2 (same seed and data; later blocks see different inputs). With refinement it moves."""
+    runs = {}
+    for name, kw in {"clip only": {"stages": ("clip",)}, "frozen": {"refine_clip": False}, "refined": {}}.items():
+        cal = calibrate_(copy.deepcopy(tiny_llama), None, MoBiQuantConfig(group_size=32),
+                         CalibConfig.fast(samples=8, seqlen=32, **kw), tokens=tokens[:8], progress=False)
+        runs[name] = {n: m for n, m in mobiquant.quantized_linears(cal).items() if ".layers.0." in n}
+    for n, m in runs["frozen"].items():
+        assert torch.equal(m.scale, runs["clip only"][n].scale) and torch.equal(m.zero, runs["clip only"][n].zero)
+        assert m.router is not None and m.router.calib_scores.numel() > 0
+    assert any(not torch.equal(m.scale, runs["clip only"][n].scale) for n, m in runs["refined"].items())
+
+
 def test_capture_block_inputs_matches_embeddings(tiny_llama, tokens):
     X, kwargs = capture_block_inputs(tiny_llama, tiny_llama.model.layers, tokens[:5], batch=2)
     assert X.shape == (5, 32, 64)
@@ -80,3 +94,17 @@ def test_bad_calibration_settings():
         CalibConfig(next_input="sideways")
     with pytest.raises(MoBiQuantError):
         CalibConfig(stages=("dance",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_calibration_realizes_budgets(tiny_llama, tokens):
+    """The whole recipe on CUDA (the routed mixture, the fused fake quantization, the cost curves, the thresholds)."""
+    cal = calibrate_(tiny_llama.to("cuda"), None, MoBiQuantConfig(group_size=32, slice_bits=(3, 1, 1, 1)),
+                     CalibConfig.fast(samples=16, seqlen=32), tokens=tokens, progress=False)
+    held_out = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(2)).cuda()
+    for b in (3.0, 4.5, 6.0):
+        tr = RoutingTrace(keep=False)
+        with torch.no_grad(), precision(budget=b, trace=tr):
+            logits = cal(input_ids=held_out).logits
+        assert torch.isfinite(logits).all() and abs(tr.realized_bits() - b) < 0.2, (b, tr.realized_bits())

@@ -134,3 +134,41 @@ def test_fake_quantize_ste_values_and_gradients():
     loss = (slices.fake_quantize_ste(W, s_1, z_1, slice_bits, 1) - W).pow(2).sum()
     loss.backward()
     assert gamma.grad is not None and gamma.grad.abs().sum() > 0 and torch.isfinite(gamma.grad).all()
+
+
+def plain_fake_quantize_ste(W, s_1, z_1, slice_bits, k):
+    """The formula with autograd's own straight-through graph (what the fused levels must reproduce)."""
+    shift = slices.cumulative_bits(slice_bits)[k - 1] - slice_bits[0]
+    g = W.shape[1] // s_1.shape[1]
+    s_k, zk = (s_1 * 2.0**-shift)[..., None], (z_1 * 2.0**shift)[..., None]
+    u = slices.group_view(W.float(), g) / s_k + zk
+    q = (u + (torch.floor(u) - u).detach()).clamp(0, 2 ** slices.cumulative_bits(slice_bits)[k - 1] - 1)
+    return (s_k * (q - zk + 0.5)).reshape(W.shape)
+
+
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1)])
+def test_fake_quantize_levels_match_autograd_values_and_gradients(slice_bits):
+    gen = torch.Generator().manual_seed(len(slice_bits))
+    W = torch.randn(24, 192, generator=gen)
+    G = W.shape[1] // 64
+    # clip factors well below 1 so that some weights saturate (the clamp's zero gradient is exercised)
+    gamma0, beta0 = torch.randn(24, G, generator=gen), torch.randn(24, G, generator=gen)
+    ks = list(range(1, len(slice_bits) + 1))
+    ups = [torch.randn(W.shape, generator=gen) for _ in ks]  # fresh upstream gradients
+    results = []
+    for fused in (True, False):
+        gamma, beta = gamma0.clone().requires_grad_(), beta0.clone().requires_grad_()
+        s_1, z_1 = slices.base_qparams(W, 64, slice_bits[0], torch.sigmoid(gamma), torch.sigmoid(beta),
+                                       storage_dtype=None)
+        Wk = (slices.fake_quantize_ste(W, s_1, z_1, slice_bits, ks) if fused
+              else [plain_fake_quantize_ste(W, s_1, z_1, slice_bits, k) for k in ks])
+        sum((w * u).sum() for w, u in zip(Wk, ups)).backward()
+        results.append(([w.detach() for w in Wk], gamma.grad, beta.grad))
+    (w_f, gg_f, gb_f), (w_p, gg_p, gb_p) = results
+    for a, b in zip(w_f, w_p):
+        assert torch.equal(a, b)  # bit for bit: scaling by a power of two is exact
+    assert gg_p.abs().min() > 0 and gb_p.abs().max() > 0
+    torch.testing.assert_close(gg_f, gg_p)
+    torch.testing.assert_close(gb_f, gb_p)
+    one = slices.fake_quantize_ste(W, s_1.detach(), z_1.detach(), slice_bits, 2)  # an int k: one tensor
+    assert torch.equal(one, w_p[1])
