@@ -263,20 +263,40 @@ def kernel_profile(eng: DecodeEngine, prompt: torch.Tensor, steps: int = 5) -> d
                 top=[dict(name=n[:120], calls=c, us=us) for n, c, us in rows[:25]])
 
 
-def profile_main(args, info):
-    from mobiquant.kernels import router as router_kernel
+def results_file(args, mode_file: str) -> Path:
+    """Where a mode writes its JSON: ``mode_file`` beside the default output, or --out if the user named one."""
+    return Path(args.out).with_name(mode_file) if args.out.endswith("decode_h100.json") else Path(args.out)
 
-    res = dict(info=info, variants={})
-    out = Path(args.out).with_name("decode_profile_h100.json") if args.out.endswith("decode_h100.json") \
-        else Path(args.out)
 
+def saver(res: dict, out: Path):
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
 
+    return save
+
+
+def model_and_prompt(args):
+    """The random-weight model and the seeded random prompt every mode uses."""
     model = build_model(args.layers)
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    return model, torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+
+
+def ab_row(res: dict, name: str, off: list[float], on: list[float], note: str) -> None:
+    """One A/B case: the step times of every round off and on, their medians, and a table row."""
+    res["median_step_ms"][name] = dict(off=statistics.median(off), on=statistics.median(on), off_all=off, on_all=on)
+    log(f"| {name} | {' / '.join(f'{x:.3f}' for x in off)} | {' / '.join(f'{x:.3f}' for x in on)} | "
+        f"{statistics.median(off):.3f} -> {statistics.median(on):.3f} ({note}) |")
+
+
+def profile_main(args, info):
+    from mobiquant.kernels import router as router_kernel
+
+    res = dict(info=info, variants={})
+    save = saver(res, results_file(args, "decode_profile_h100.json"))
+
+    model, prompt = model_and_prompt(args)
     V = res["variants"]
 
     def variant(name, eng, setup, trace=True, check=None):
@@ -347,19 +367,12 @@ def pdl_ab_main(args, info):
     from mobiquant.kernels import router as router_kernel
 
     res = dict(info=info, rounds=[], logits_max_abs_diff_on_vs_off={})
-    out = Path(args.out).with_name("decode_pdl_ab_h100.json") if args.out.endswith("decode_h100.json") \
-        else Path(args.out)
-
-    def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+    save = saver(res, results_file(args, "decode_pdl_ab_h100.json"))
 
     def set_pdl(on):
         decode_step.PDL = router_kernel.PDL_WAIT = on
 
-    model = build_model(args.layers)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    model, prompt = model_and_prompt(args)
     rounds = res["rounds"]
     table = {}
 
@@ -405,25 +418,15 @@ def pdl_ab_main(args, info):
         d = max((a - b).abs().max().item() for a, b in zip(table[(name, False, "logits")],
                                                           table[(name, True, "logits")]))
         res["logits_max_abs_diff_on_vs_off"][name] = d
-        res["median_step_ms"][name] = dict(off=statistics.median(off), on=statistics.median(on), off_all=off,
-                                           on_all=on)
-        log(f"| {name} | {' / '.join(f'{x:.3f}' for x in off)} | {' / '.join(f'{x:.3f}' for x in on)} | "
-            f"{statistics.median(off):.3f} -> {statistics.median(on):.3f} (logits diff {d:.3g}) |")
+        ab_row(res, name, off, on, f"logits diff {d:.3g}")
     save()
 
 
 def router_ab_main(args, info):
     res = dict(info=info, rounds=[], logits_max_abs_diff_on_vs_off={}, counts_equal_on_vs_off={})
-    out = Path(args.out).with_name("decode_router_ab_h100.json") if args.out.endswith("decode_h100.json") \
-        else Path(args.out)
+    save = saver(res, results_file(args, "decode_router_ab_h100.json"))
 
-    def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
-
-    model = build_model(args.layers)
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
+    model, prompt = model_and_prompt(args)
     table = {}
     with torch.no_grad():
         quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
@@ -467,10 +470,7 @@ def router_ab_main(args, info):
         eq = all(torch.equal(a, b) for a, b in zip(c0, c1))
         res["logits_max_abs_diff_on_vs_off"][name] = d
         res["counts_equal_on_vs_off"][name] = eq
-        res["median_step_ms"][name] = dict(off=statistics.median(off), on=statistics.median(on), off_all=off,
-                                           on_all=on)
-        log(f"| {name} | {' / '.join(f'{x:.3f}' for x in off)} | {' / '.join(f'{x:.3f}' for x in on)} | "
-            f"{statistics.median(off):.3f} -> {statistics.median(on):.3f} (logits diff {d:.3g}, counts equal {eq}) |")
+        ab_row(res, name, off, on, f"logits diff {d:.3g}, counts equal {eq}")
     save()
 
 
@@ -515,15 +515,10 @@ def main():
     res = dict(info=info, rows={})
     rows = res["rows"]
 
-    def save():
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-
+    save = saver(res, Path(args.out))
     t0 = time.perf_counter()
-    model = build_model(args.layers)
+    model, prompt = model_and_prompt(args)
     log(f"model built in {time.perf_counter() - t0:.1f} s")
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 128256, (args.prompt,), generator=g).cuda()
     max_len = 1024 * ((args.prompt + args.tokens + 8 + 1023) // 1024)
 
     with torch.no_grad():

@@ -110,3 +110,43 @@ def run_ptx(text, regs):
         else:
             raise AssertionError(f"unexpected PTX op {op}")
     return regs
+
+
+def graph_replays_equal_eager(block, rnd, shapes, rounds=3, poison_slot=None):
+    """Capture ``block(h0, r0, kc, vc, True)`` (one decode block's launches) in a CUDA graph, then at each of
+    ``rounds`` replays on fresh inputs (every output, and the cache slot ``poison_slot`` if given, poisoned first)
+    check it bit for bit against ``block(..., False)`` launched eagerly. ``shapes`` = (D, KV, S, DH); ``rnd(*shape,
+    scale=)`` draws fresh fp16 inputs. The block returns its outputs with the 4 count tensors last. Returns the set
+    of counts seen (callers check that they vary)."""
+    D, KV, S, DH = shapes
+    h0, r0 = rnd(1, D, scale=3.0), rnd(1, D)
+    kc, vc = rnd(KV, S, DH), rnd(KV, S, DH)
+    block(h0, r0, kc.clone(), vc.clone(), True)  # warm-up of both paths: compile, workspaces
+    block(h0, r0, kc.clone(), vc.clone(), False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = block(h0, r0, kc, vc, True)
+    seen = set()
+    for _ in range(rounds):
+        h0.copy_(rnd(1, D, scale=3.0))
+        r0.copy_(rnd(1, D))
+        kc0, vc0 = rnd(KV, S, DH), rnd(KV, S, DH)
+        kr, vr = kc0.clone(), vc0.clone()
+        ref = block(h0, r0, kr, vr, False)
+        torch.cuda.synchronize()
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        if poison_slot is not None:
+            kc[:, poison_slot] = float("nan")
+            vc[:, poison_slot] = float("nan")
+        for t in outs:
+            t.fill_(-7 if t.dtype == torch.int32 else float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(outs, ref):
+            assert torch.equal(a, b)
+        assert torch.equal(kc, kr) and torch.equal(vc, vr)
+        assert all(torch.isfinite(t).all() for t in ref if t.is_floating_point())
+        seen |= set(torch.cat([c.cpu() for c in ref[-4:]]).tolist())
+    return seen
