@@ -363,8 +363,9 @@ def calibrate_(model: nn.Module, tokenizer, config: MoBiQuantConfig | None = Non
         with torch.no_grad():  # router scores of the calibration tokens: the budget -> threshold table
             for c in calib_mods.values():
                 c.mode, c.budget, c.scores = "route", mid, []
+                c.requires_grad_(False)  # trained: weights() now reconstructs each Ŵ_k once, not per batch
                 if c.router is not None:  # fp16 storage keeps routers under 2 % of a checkpoint; score with it
-                    c.router.requires_grad_(False).half()
+                    c.router.half()
             _run(layer, X_q[hold], kwargs, calib.batch_size)
         quantized = {n: c.to_quantized(n) for n, c in calib_mods.items()}
         for n, q in quantized.items():

@@ -45,8 +45,7 @@ class RoutedMixture(torch.autograd.Function):
                 dx[idx] = G[k][idx]
         if need_m:
             dm = torch.stack([((G[e] - G[e - 1]) * x).sum(-1) for e in range(1, len(W))], dim=-1)  # (M, E-1)
-        dW = [g[idx].T @ x[idx] if need and idx.numel() else (torch.zeros_like(Wk) if need else None)
-              for need, idx, Wk in zip(need_w, groups, W)]
+        dW = [g[idx].T @ x[idx] if need else None for need, idx in zip(need_w, groups)]  # empty group: zeros
         return dx, dm, *dW
 
 

@@ -48,3 +48,7 @@ def test_routed_mixture_without_gradients_and_with_an_empty_level():
     m[:4, 0] = 1  # counts 1 and 2 only: level 3 is empty
     with torch.no_grad():
         torch.testing.assert_close(routed_mixture(x, m, W), plain_mixture(x, m, W))
+    W = [w.requires_grad_() for w in W]
+    routed_mixture(x, m, W).sum().backward()
+    assert W[2].grad is not None and torch.equal(W[2].grad, torch.zeros_like(W[2]))  # the empty level: zero
+    assert W[1].grad.abs().max() > 0
