@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import load_planes, merge_planes_ptx
+from ._tile import load_planes, load_planes_after, merge_planes_ptx
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch
@@ -244,17 +244,7 @@ def _load_rest(g, g_hi, w_ptrs, n_mask, plane_stride, w0, KS: tl.constexpr, GPI:
     """Planes 2..KS of groups g .. g + GPI - 1, plane 1 (w0) already loaded (unused planes repeat w0)."""
     gm = (g + tl.arange(0, GPI)) < g_hi
     wm = n_mask[:, None, None] & gm[None, :, None]
-    wp = w_ptrs + g * WPG
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if KS > 1:
-        w1 = tl.load(wp + plane_stride, mask=wm, other=0)
-    if KS > 2:
-        w2 = tl.load(wp + 2 * plane_stride, mask=wm, other=0)
-    if KS > 3:
-        w3 = tl.load(wp + 3 * plane_stride, mask=wm, other=0)
-    return w0, w1, w2, w3
+    return load_planes_after(w0, w_ptrs + g * WPG, plane_stride, wm, KS)
 
 
 @triton.jit
