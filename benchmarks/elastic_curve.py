@@ -50,6 +50,11 @@ def calibrated(fp, tok, slice_bits, group_size, calib: CalibConfig, reuse: bool)
     config = mobiquant.MoBiQuantConfig(slice_bits=slice_bits, group_size=group_size)
     key = (f"curve-{'-'.join(map(str, slice_bits))}-g{group_size}-{calib.samples}x{calib.seqlen}-e{calib.epochs}-"
            f"{config.allocation}")
+    changed = {f.name: getattr(calib, f.name) for f in dataclasses.fields(calib)
+               if getattr(calib, f.name) != getattr(CalibConfig(), f.name) and f.name not in ("samples", "seqlen",
+                                                                                             "epochs")}
+    if changed:  # a variant recipe gets its own checkpoint
+        key += "-" + "-".join(f"{k}={v}" for k, v in sorted(changed.items()))
     path = cache_dir() / "checkpoints" / key
     if reuse and (path / "mobiquant_config.json").is_file():
         model, _ = mobiquant.load_quantized(path, device=next(fp.parameters()).device)
@@ -105,6 +110,8 @@ def main() -> None:
                    help="other threshold:allocation pairs to evaluate at every budget (e.g. balanced:band,layer:band)")
     p.add_argument("--alternative-budgets", help="budgets for --alternatives (default: --budgets)")
     p.add_argument("--fast", action="store_true", help="calibrate with the --fast recipe")
+    p.add_argument("--calib-options", type=json.loads, default={},
+                   help='CalibConfig fields to change, as JSON, e.g. \'{"balance_budgets": true}\'')
     p.add_argument("--reuse", action="store_true", help="reuse calibrated checkpoints from the cache")
     p.add_argument("--model", default="default")
     p.add_argument("--source-name", help="the model's name in cache keys (default: --model)")
@@ -124,7 +131,7 @@ def main() -> None:
     if args.source_name:
         fp.config.mobiquant_source = args.source_name
     windows = make_windows(tokenize_text(tok, read_text(args.text)), args.seqlen, args.windows)
-    calib = CalibConfig.fast() if args.fast else CalibConfig()
+    calib = CalibConfig.fast(**args.calib_options) if args.fast else CalibConfig(**args.calib_options)
     result = {"meta": {
         "model": "default (SmolLM2-135M-Instruct Q4_1 GGUF)", "windows": args.windows, "seqlen": args.seqlen,
         "group_size": args.group_size, "calibration": dataclasses.asdict(calib), "budgets": budgets,

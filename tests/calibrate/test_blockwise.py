@@ -6,7 +6,7 @@ import torch
 import mobiquant
 from mobiquant import MoBiQuantConfig, MoBiQuantError, precision
 from mobiquant.calibrate import CalibConfig, calibrate_
-from mobiquant.calibrate.blockwise import capture_block_inputs
+from mobiquant.calibrate.blockwise import CalibLinear, _block_loss, capture_block_inputs
 from mobiquant.quant.rtn import rtn_quantize
 from mobiquant.trace import RoutingTrace
 
@@ -78,6 +78,29 @@ def test_stage_two_without_clip_refinement_keeps_the_clipping_and_trains_the_rou
         assert torch.equal(m.scale, runs["clip only"][n].scale) and torch.equal(m.zero, runs["clip only"][n].zero)
         assert m.router is not None and m.router.calib_scores.numel() > 0
     assert any(not torch.equal(m.scale, runs["clip only"][n].scale) for n, m in runs["refined"].items())
+
+
+@pytest.mark.parametrize("budget", [3.0, 6.5])
+def test_balanced_budgets_step_on_the_log_of_the_error(budget):
+    """balance_budgets: stage 2's reconstruction term has the gradient of log(error), for the clipping and the
+    router alike, so a step at a high budget (small error) moves them as much as one at a low budget."""
+    torch.manual_seed(0)
+    layer = CalibLinear(torch.nn.Linear(96, 80), MoBiQuantConfig(group_size=32, slice_bits=(3, 1, 1, 1, 1, 1)))
+    layer.mode, layer.budget = "route", budget
+    x = torch.randn(2, 24, 96)
+    t = layer.linear(x).detach() + 0.05 * torch.randn(2, 24, 80)  # a target the block nearly reaches
+    grads = {}
+    for balance in (False, True):
+        cfg = CalibConfig(balance_budgets=balance, budget_weight=0.0)
+        loss = _block_loss(layer, {"l": layer}, x, t, {}, cfg)
+        if not balance:
+            plain, loss = loss.item(), loss.log()  # the reference: autograd through log(error)
+        params = [layer.gamma, layer.beta, *layer.router.parameters()]
+        grads[balance] = torch.autograd.grad(loss, params)
+    assert 0 < plain < 0.5  # far from 1, where the two gradients would coincide
+    for g_log, g_bal in zip(grads[False], grads[True]):
+        assert g_bal.abs().max() > 0
+        torch.testing.assert_close(g_bal, g_log, rtol=1e-4, atol=1e-7)
 
 
 def test_capture_block_inputs_matches_embeddings(tiny_llama, tokens):
