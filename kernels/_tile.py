@@ -123,12 +123,6 @@ def _field(w0, w1, w2, w3, SLOT: tl.constexpr, KS: tl.constexpr, BIAS_V: tl.cons
 def load_planes(wp, plane_stride, mask, KS: tl.constexpr):
     """The word tiles of the first KS planes at ``wp`` (plane e at wp + e * plane_stride); unused planes repeat w0."""
     w0 = tl.load(wp, mask=mask, other=0)
-    return load_planes_after(w0, wp, plane_stride, mask, KS)
-
-
-@triton.jit
-def load_planes_after(w0, wp, plane_stride, mask, KS: tl.constexpr):
-    """``load_planes`` with plane 1 (w0) already loaded: planes 2..KS; unused planes repeat w0."""
     w1 = w0
     w2 = w0
     w3 = w0

@@ -39,14 +39,14 @@ This saves the fixed cost of the separate launches (KERNEL_NOTES.md, "decode ste
 
 Launch options (config dict, tuned per shape in configs/h100.json): BLOCK_N, GPI (groups per iteration), SPLIT_K,
 num_warps, PF (1: prefetch the next iteration's words, scales and zero points into registers; 2: the loop unrolled by
-two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), XPF (x of the
-next step too: 1 into registers, 2 with prefetch.global.L1), EARLY (PF = 2: the first step's plane 1, s and z
-loaded before k is read and before ``griddepcontrol.wait``), L2PF (bulk L2 prefetch of the program's row range),
-GPK (4 / 2 x GPI groups per iteration at k = 1 / 2), PDL (programmatic dependent launch: before
-``griddepcontrol.wait`` a program touches only the weights: the plane-1 L2 prefetch, and with EARLY the first step's
-loads; x, k, y and the split-K workspace are touched after it), maxnreg. Scales and zero points are loaded as raw
-16-bit values and converted where they are used (KERNEL_NOTES.md, "v7 profile": a conversion next to the load made
-every prefetch of them wait for its own load).
+two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), L2PF (bulk L2
+prefetch of the program's row range), GPK (4 / 2 x GPI groups per iteration at k = 1 / 2), PDL (programmatic dependent
+launch: before ``griddepcontrol.wait`` a program only prefetches its plane-1 weights into L2; x, k, y and the split-K
+workspace are touched after it), maxnreg. Two more options were measured and removed (KERNEL_NOTES.md, "v7 profile";
+code in commit 970f493): x of the next step prefetched (slower except in the fused q/k/v launch alone, and slower
+there, with PF = 2, in the decode chain) and the first step's loads issued before the PDL wait (slower at every k).
+Scales and zero points are loaded as raw 16-bit values and converted where they are used (KERNEL_NOTES.md, "v7
+profile": a conversion next to the load made every prefetch of them wait for its own load).
 
 The interpreter path (USE_ASM=False) computes P from the same q values in fp32 (tests/kernels check the indexing
 and the epilogue there; tests/kernels/test_sliced_gemv_cc.py executes the PTX text itself on the CPU, fp16 rounding
@@ -54,8 +54,8 @@ included).
 
 Status on the H100 (benchmarks/KERNEL_NOTES.md, "v7" and "v7 profile"): 32-layer LLaMA-3-8B stack at batch 1 in
 2.003 / 2.638 / 5.121 ms at k = 1 / 2 / 4 (33 / 47 / 47 % of copy bandwidth; v5: 3.944 / 4.249 / 5.288 ms) before
-the load-placement changes; with them (PF = 2, one neighbouring set of configs) 1.898 / 2.661 / 4.767 ms against
-2.033 / 2.645 / 5.137 ms for the previous code in the same run. Slower than v5 at 4 tokens, so
+the load-placement changes; with them (the committed configs) 1.925 / 2.510 / 4.762 ms against 2.021 / 2.637 /
+5.115 ms for the previous code in the same run. Slower than v5 at 4 tokens, so
 ``dispatch.sliced_linear`` uses it for one fp16 token only.
 """
 
@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import load_planes, load_planes_after, merge_planes_ptx
+from ._tile import load_planes, merge_planes_ptx
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch
@@ -156,8 +156,6 @@ I32X8 = tl.constexpr((tl.int32,) * 8)
 ASM_LDSZ = tl.constexpr("ld.global.nc.u16 $0, [$2];\nld.global.nc.u16 $1, [$3];")
 LDSZ_CONS = tl.constexpr("=r,=r,l,l")
 ASM_CVT_LO = tl.constexpr("{\n.reg .b16 l, h;\nmov.b32 {l, h}, $1;\ncvt.f32.f16 $0, l;\n}")
-ASM_PFL1 = tl.constexpr("prefetch.global.L1 [$1];\nmov.u32 $0, 0;")
-PFL1_CONS = tl.constexpr("=r,l")
 ASM_L2PF = tl.constexpr("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;")
 L2PF_CONS = tl.constexpr("=r,l,r")
 ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
@@ -240,14 +238,6 @@ def _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS: tl.constexpr, GPI: tl
 
 
 @triton.jit
-def _load_rest(g, g_hi, w_ptrs, n_mask, plane_stride, w0, KS: tl.constexpr, GPI: tl.constexpr, WPG: tl.constexpr):
-    """Planes 2..KS of groups g .. g + GPI - 1, plane 1 (w0) already loaded (unused planes repeat w0)."""
-    gm = (g + tl.arange(0, GPI)) < g_hi
-    wm = n_mask[:, None, None] & gm[None, :, None]
-    return load_planes_after(w0, w_ptrs + g * WPG, plane_stride, wm, KS)
-
-
-@triton.jit
 def _load_sz(g, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI: tl.constexpr, USE_ASM: tl.constexpr):
     """s_1, z_1 (BN, GPI): the fp16 bits in int32, of groups g .. g + GPI - 1 (groups past g_hi re-read a valid one
     or give 0: the caller zeroes their scale). Nothing here consumes the loaded values, so a prefetch does not wait
@@ -300,15 +290,6 @@ def _load_x(g, g_hi, xi_ptrs, GPI: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.
 
 
 @triton.jit
-def _prefetch_x_l1(g, g_hi, xi_ptrs, GPI: tl.constexpr, WPG: tl.constexpr):
-    """prefetch.global.L1 of the x pairs of groups g .. g + GPI - 1 (one request per word; no registers held)."""
-    i_g = tl.arange(0, GPI)
-    gx = tl.minimum(g + i_g, g_hi - 1)
-    xa = (xi_ptrs + (gx - i_g)[:, None] * (WPG * 8)).to(tl.int64, bitcast=True)
-    tl.inline_asm_elementwise(ASM_PFL1, PFL1_CONS, [xa], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _cc_step(acc, w0, w1, w2, w3, s, z, x0, x1, x2, x3, x4, x5, x6, x7, g, g_hi, KS: tl.constexpr,
              GPI: tl.constexpr, USE_ASM: tl.constexpr):
     """acc (BN, GPI, WPG) += s_1 P + s_1 (2 - z_1 + 2^-(2KS-1)) X for groups g .. g + GPI - 1 (s, z: fp16 bits in
@@ -329,7 +310,7 @@ def _cc_step(acc, w0, w1, w2, w3, s, z, x0, x1, x2, x3, x4, x5, x6, x7, g, g_hi,
 @triton.jit
 def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
              KS: tl.constexpr, GPI_: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr,
-             PF: tl.constexpr, L2PF: tl.constexpr, XPF: tl.constexpr, e0, es, ez, EARLY: tl.constexpr):
+             PF: tl.constexpr, L2PF: tl.constexpr):
     """(BN,) fp32 = Σ over groups [g_lo, g_hi) and words of s_1 P + s_1 (2 - z_1 + 2^-(2KS-1)) X (then times 16).
 
     w_row (BN, 1, 1) pointers to plane 1 of each row, word 0; xi_base: x pair 0 of the token (int32 pointer);
@@ -341,10 +322,7 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
     the loop-carried words the same registers, issued the loads at the end of the body, once the current words were
     dead, and the copy on the back edge waited for them (KERNEL_NOTES.md, "v7 profile"). PF = 2: the loop is
     unrolled by two with two register sets A and B (load B, compute A, load A, compute B), so no loaded value is
-    loop-carried or copied and each load can overlap the other half's compute. XPF: x of the next step as well
-    (1: into registers; 2: prefetch.global.L1, loaded from L1 when used).
-    EARLY (PF = 2, no GPK): e0, es, ez are plane 1, s and z of the first step, loaded by the caller before it
-    reads k (and, with PDL, before griddepcontrol.wait: weights are never written by a kernel).
+    loop-carried or copied and each load can overlap the other half's compute.
     """
     if GPK and KS < 3:
         GPI: tl.constexpr = GPI_ * (4 // KS)
@@ -364,42 +342,23 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
             a = (w_row1 + e * plane_stride + g_lo * WPG).to(tl.int64, bitcast=True)
             tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [a, nbytes], dtype=tl.int32, is_pure=False, pack=1)
     if PF == 2:
-        if EARLY:  # plane 1, s and z of the first step were loaded by the caller, before the k load (and the PDL wait)
-            a0, a1, a2, a3 = _load_rest(g_lo, g_hi, w_ptrs, n_mask, plane_stride, e0, KS, GPI, WPG)
-            sa = es
-            za = ez
-        else:
-            a0, a1, a2, a3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
-            sa, za = _load_sz(g_lo, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
-        if XPF == 1:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _load_x(g_lo, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
+        a0, a1, a2, a3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+        sa, za = _load_sz(g_lo, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
         for g in range(g_lo, g_hi, 2 * GPI):
             gb = g + GPI
             b0, b1, b2, b3 = _load_words(gb, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
             sb, zb = _load_sz(gb, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
-            if XPF == 1:
-                q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(gb, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
-            else:
-                if XPF == 2 and USE_ASM:
-                    _prefetch_x_l1(gb, g_hi, xi_ptrs, GPI, WPG)
-                p0, p1, p2, p3, p4, p5, p6, p7 = _load_x(g, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _load_x(g, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
             acc = _cc_step(acc, a0, a1, a2, a3, sa, za, p0, p1, p2, p3, p4, p5, p6, p7, g, g_hi, KS, GPI, USE_ASM)
             a0, a1, a2, a3 = _load_words(g + 2 * GPI, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
             sa, za = _load_sz(g + 2 * GPI, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
-            if XPF == 1:
-                p0, p1, p2, p3, p4, p5, p6, p7 = _load_x(g + 2 * GPI, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
-            else:
-                if XPF == 2 and USE_ASM:
-                    _prefetch_x_l1(g + 2 * GPI, g_hi, xi_ptrs, GPI, WPG)
-                q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(gb, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(gb, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
             acc = _cc_step(acc, b0, b1, b2, b3, sb, zb, q0, q1, q2, q3, q4, q5, q6, q7, gb, g_hi, KS, GPI,
                            USE_ASM)
     else:
         if PF:
             v0, v1, v2, v3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
             sv, zv = _load_sz(g_lo, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
-            if XPF == 1:
-                u0, u1, u2, u3, u4, u5, u6, u7 = _load_x(g_lo, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
         for g in range(g_lo, g_hi, GPI):
             if PF:  # words, scales and zero points of the next iteration issued before this one is computed
                 w0, w1, w2, w3, s, z = v0, v1, v2, v3, sv, zv
@@ -408,13 +367,7 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
             else:
                 w0, w1, w2, w3 = _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
                 s, z = _load_sz(g, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
-            if PF and XPF == 1:  # x of the next iteration into registers as well
-                x0, x1, x2, x3, x4, x5, x6, x7 = u0, u1, u2, u3, u4, u5, u6, u7
-                u0, u1, u2, u3, u4, u5, u6, u7 = _load_x(g + GPI, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
-            else:
-                if XPF == 2 and USE_ASM:  # x of the next iteration requested into L1 (no registers)
-                    _prefetch_x_l1(g + GPI, g_hi, xi_ptrs, GPI, WPG)
-                x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(g, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(g, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
             acc = _cc_step(acc, w0, w1, w2, w3, s, z, x0, x1, x2, x3, x4, x5, x6, x7, g, g_hi, KS, GPI, USE_ASM)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
@@ -427,7 +380,6 @@ def _sliced_gemv_cc_kernel(
     rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, L2PF: tl.constexpr, PDL: tl.constexpr,
-    XPF: tl.constexpr, EARLY: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
     RSPLIT: tl.constexpr,
 ):
@@ -482,17 +434,6 @@ def _sliced_gemv_cc_kernel(
     L2OK: tl.constexpr = GROUP % 64 == 0
     s_row = s_ptr + n_c[:, None]
     z_row = z_ptr + n_c[:, None]
-    EARLY_: tl.constexpr = EARLY and PF == 2 and not GPK
-    if EARLY_:  # the first step's plane 1, s and z (every k needs them): issued before k is known
-        i_g0 = tl.arange(0, GPI)
-        i_w0 = tl.arange(0, WPG)
-        e0, _e1, _e2, _e3 = _load_words(g_lo, g_hi, w_row + (i_g0[None, :, None] * WPG + i_w0[None, None, :]),
-                                        n_mask, plane_stride, 1, GPI, WPG)
-        es, ez = _load_sz(g_lo, g_hi, s_row + i_g0[None, :] * N, z_row + i_g0[None, :] * N, n_mask, N, GPI, USE_ASM)
-    else:
-        e0 = tl.zeros((BLOCK_N, GPI, WPG), tl.int32)
-        es = tl.zeros((BLOCK_N, GPI), tl.int32)
-        ez = es
     if PDL:
         # Programmatic dependent launch: this program may start while the previous kernel still runs. Before the
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
@@ -519,19 +460,19 @@ def _sliced_gemv_cc_kernel(
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, XPF, e0, es, ez, EARLY_)
+                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     elif kt == 2:
         if E >= 2:
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, XPF, e0, es, ez, EARLY_)
+                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     elif kt == 3:
         if E >= 3:
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, XPF, e0, es, ez, EARLY_)
+                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     else:
         if E >= 4:
             yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, XPF, e0, es, ez, EARLY_)
+                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
     yv = yv * 16.0
     y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
     if SPLIT_K == 1:
@@ -637,8 +578,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt,
         Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
-        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl, XPF=cfg.get("XPF", 0),
-        EARLY=cfg.get("EARLY", 0),
+        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl,
         NSEG=len(packs), **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),

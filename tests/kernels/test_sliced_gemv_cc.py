@@ -52,29 +52,27 @@ def test_mixed_k_four_tokens():
     dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=4, PF=1, GPK=1),  # 4 / 2 groups per iteration at k = 1 / 2
     dict(BLOCK_N=64, GPI=1, SPLIT_K=4, num_warps=4, PF=1, PDL=1),  # PDL is off in the interpreter
     dict(BLOCK_N=64, GPI=1, SPLIT_K=3, num_warps=4, PF=2),  # unrolled by two: odd group counts per split
-    dict(BLOCK_N=32, GPI=2, SPLIT_K=1, num_warps=4, PF=2, XPF=1),  # 5 groups, two per step: a half past g_hi
-    dict(BLOCK_N=128, GPI=1, SPLIT_K=2, num_warps=4, PF=2, XPF=2),
-    dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=2, PF=1, XPF=1, GPK=1),
+    dict(BLOCK_N=32, GPI=2, SPLIT_K=1, num_warps=4, PF=2),  # 5 groups, two per step: a half past g_hi
+    dict(BLOCK_N=128, GPI=1, SPLIT_K=2, num_warps=4, PF=2),
+    dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=2, PF=1, GPK=1),
 ])
 def test_split_k_and_variants(config):
     run_case(130, 640, 128, [1, 3, 4, 2], config)
 
 
-@pytest.mark.parametrize("xpf,early", [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1)])
 @pytest.mark.parametrize("kv", [[1], [2], [3], [4], [2, 4, 1, 3]])
-def test_unrolled_prefetch_irregular(kv, xpf, early):
-    """PF = 2 (loop unrolled by two, two register sets) with each x prefetch and with the first step's plane 1, s
-    and z loaded before k (EARLY), N = 781, 5 groups per row: an odd group count, so the last step's second half
-    lies past the split's end (its scale must be zeroed)."""
-    run_case(781, 640, 128, kv, dict(BLOCK_N=64, GPI=1, SPLIT_K=1, num_warps=2, PF=2, XPF=xpf, EARLY=early))
+def test_unrolled_prefetch_irregular(kv):
+    """PF = 2 (loop unrolled by two, two register sets), N = 781, 5 groups per row: an odd group count, so the last
+    step's second half lies past the split's end (its scale must be zeroed)."""
+    run_case(781, 640, 128, kv, dict(BLOCK_N=64, GPI=1, SPLIT_K=1, num_warps=2, PF=2))
 
 
 @pytest.mark.parametrize("config", [
-    dict(BLOCK_N=32, GPI=1, SPLIT_K=3, num_warps=4, PF=2, EARLY=1),  # 10 groups in splits of 4, 4, 2
-    dict(BLOCK_N=64, GPI=2, SPLIT_K=2, num_warps=4, PF=2, EARLY=1),
-    dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=4, PF=2, EARLY=1, GPK=1),  # EARLY needs GPK off: ignored
+    dict(BLOCK_N=32, GPI=1, SPLIT_K=3, num_warps=4, PF=2),  # 10 groups in splits of 4, 4, 2
+    dict(BLOCK_N=64, GPI=2, SPLIT_K=2, num_warps=4, PF=2),
+    dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=4, PF=2, GPK=1),
 ])
-def test_early_first_step_split_k(config):
+def test_unrolled_split_k(config):
     run_case(130, 1280, 128, [4, 1, 3, 2], config)
 
 
@@ -239,9 +237,9 @@ def test_gpu_several_weights_llama_shapes(Ns, kmat):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("N,K,sk", [(14336, 4096, 4), (4096, 14336, 16), (781, 4096, 3)])
-@pytest.mark.parametrize("pf,xpf,early", [(1, 0, 0), (1, 1, 0), (1, 2, 0), (2, 0, 0), (2, 1, 0), (2, 2, 0), (2, 0, 1)])
-def test_gpu_prefetch_variants(N, K, sk, pf, xpf, early):
-    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=pf, XPF=xpf, EARLY=early, PDL=1)
+@pytest.mark.parametrize("pf", [1, 2])
+def test_gpu_prefetch_variants(N, K, sk, pf):
+    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=pf, PDL=1)
     run_case(N, K, 128, [1], cfg)
     run_case(N, K, 128, [4], cfg)
     run_case(N, K, 128, [3, 1, 4, 2], cfg)
@@ -255,7 +253,7 @@ def test_gpu_large_magnitude_no_inf():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("extra", [dict(PF=1), dict(PF=2, EARLY=1)])  # EARLY: weight loads before the wait
+@pytest.mark.parametrize("extra", [dict(PF=1), dict(PF=2)])
 def test_gpu_pdl_chain_in_graph_equals_eager(extra):
     planes, s1, z1, _ = make_weight(4096, 4096, 128, 11, DEVICE, 0.02)
     p = pack_slices(planes, s1, z1)
