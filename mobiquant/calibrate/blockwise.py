@@ -146,6 +146,7 @@ class CalibLinear(nn.Module):
         self.sumsq, self.count = torch.zeros(K, device=linear.weight.device), 0
         self.inputs: list[torch.Tensor] = []  # a sample of FP-pass inputs, for the router's warm start
         self.scores: list[torch.Tensor] | None = None  # when a list, route mode appends the batch's scores
+        self.frozen_weights: list[torch.Tensor] | None = None  # [Ŵ_k], cached while the clipping is frozen
 
     def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.sigmoid(self.gamma), torch.sigmoid(self.beta)
@@ -154,11 +155,10 @@ class CalibLinear(nn.Module):
         """[Ŵ_1 .. Ŵ_kmax], differentiable w.r.t. the clipping while it trains; computed once while it is frozen."""
         if self.gamma.requires_grad:
             return self._fake_quantize(k_max)
-        frozen = self.__dict__.get("_frozen_weights")  # dropped by _train_stage whenever it (un)freezes the clipping
-        if frozen is None or len(frozen) < k_max:
+        if self.frozen_weights is None or len(self.frozen_weights) < k_max:
             with torch.no_grad():
-                frozen = self.__dict__["_frozen_weights"] = self._fake_quantize(k_max)
-        return frozen[:k_max]
+                self.frozen_weights = self._fake_quantize(k_max)
+        return self.frozen_weights[:k_max]
 
     def _fake_quantize(self, k_max: int) -> list[torch.Tensor]:
         cmax, cmin = self.clip_factors()
@@ -291,7 +291,7 @@ def _train_stage(layer, calib, stage: str, X, T, kwargs, cfg: CalibConfig, rng: 
     for c in calib.values():
         c.gamma.requires_grad_(clip)
         c.beta.requires_grad_(clip)
-        c.__dict__.pop("_frozen_weights", None)
+        c.frozen_weights = None
     params = [{"params": [p for c in calib.values() for p in (c.gamma, c.beta)], "lr": cfg.lr_clip}] if clip else []
     if stage == "route":
         params.append({"params": [p for c in calib.values() if c.router is not None for p in c.router.parameters()],
