@@ -11,14 +11,14 @@ transposed product  acc (BLOCK_N, BLOCK_M) = Ŵ_tile · x_tileᵀ  group by grou
 
 The prefill kernel (``sliced_gemm.py``) uses ``group_loop_dq`` instead: the same unpacking, then Ŵ dequantised per
 weight (fp32 math, one rounding to fp16/bf16) and the dots chained into one accumulator, which keeps the tensor cores
-busy when BLOCK_M is large.
+busy when BLOCK_M is large. Its tiles are always uniform: it tiles the tokens of each slice count separately.
 
 The scale and zero point are applied once per group and row, never per weight, and the zero point goes through the
 group sum of x (Ŵ_k = s_k Q_k + o_k, o_k = s_k / 2 - z_1 s_1). BIAS is the value of the "magic" exponent: a code
 OR-ed into the mantissa of 1024.0 (fp16, 0x6400) or 128.0 (bf16, 0x4300) *is* BIAS + code as a float, so the
 integer -> float conversion costs no instruction; BIAS · X is taken out in the epilogue.
 
-Uniform tiles (every token at k slices) merge the k planes in integers and run one dot. Mixed tiles (tokens at
+Decode: uniform tiles (every token at k slices) merge the k planes in integers and run one dot. Mixed tiles (tokens at
 different k, or bf16 at k = 4 where 8-bit codes do not fit bf16's 7-bit mantissa) run one dot per slice e with the
 tokens that use it (x masked by k_t > e) and combine  D = Σ_e 4^-e D_e : since s_e = s_1 4^-(e-1), every slice shares
 the base scale. A plane is loaded only if some token of the tile needs it.
@@ -353,16 +353,15 @@ def _dot_acc(a, b, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G, N,
-                  KS: tl.constexpr, MIXED: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
-                  USE_ASM: tl.constexpr):
+def group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, G, N,
+                  KS: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """Prefill variant: dequantize each weight tile to DT (fp32 math, one rounding) and chain the dots.
 
-    acc (BN, BM) += Ŵ x_tileᵀ over all G groups. Per weight this costs a few more instructions than the per-group
-    epilogue of ``group_loop``, but that cost is shared by BLOCK_M tokens, and the dots chain into one accumulator
-    so the tensor cores run asynchronously (no per-group wait). Uniform tiles: Ŵ_k = s_k Q_k + o_k from the merged
-    planes. Mixed tiles: slice e contributes ΔŴ_e = s_e (c_e - 1.5) (ΔŴ_1 = s_1 (c_1 + 1/2 - z_1)) to the tokens
-    with k_t > e.
+    acc (BN, BM) += Ŵ_KS x_tileᵀ over all G groups, every token of the tile at KS slices (sliced_gemm gives each
+    slice count its own m-tiles). Per weight this costs a few more instructions than the per-group epilogue of
+    ``group_loop``, but that cost is shared by BLOCK_M tokens, and the dots chain into one accumulator so the tensor
+    cores run asynchronously (no per-group wait). Ŵ_k = s_k Q_k + o_k from the merged planes; where Q_k does not fit
+    the mantissa (bf16 at k = 4) slice by slice: slice e adds ΔŴ_e = s_e (c_e - 1.5) (ΔŴ_1 = s_1 (c_1 + 1/2 - z_1)).
     """
     if DT == tl.float16:
         BIAS_V: tl.constexpr = 1024.0
@@ -370,7 +369,7 @@ def group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_p
     else:
         BIAS_V: tl.constexpr = 128.0
         Q_BITS: tl.constexpr = 7
-    COMBINE: tl.constexpr = (not MIXED) and (2 * KS <= Q_BITS)
+    COMBINE: tl.constexpr = 2 * KS <= Q_BITS
     WPG: tl.constexpr = GROUP // 16
     for g in range(0, G):
         x = tl.load(x_ptrs + g * GROUP, mask=x_mask, other=0.0)  # (BM, GROUP)
@@ -393,42 +392,27 @@ def group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_p
                     wt = (c * se + (se * (0.5 - BIAS_V) - z1 * s1)).to(DT)
                 else:
                     wt = (c * se - se * (BIAS_V + 1.5)).to(DT)
-                xe = tl.where(kt[:, None] > e, x, 0.0).to(DT)
-                acc = _dot_acc(wt, tl.trans(xe), acc, USE_ASM)
+                acc = _dot_acc(wt, tl.trans(x), acc, USE_ASM)
     return acc
 
 
 @triton.jit
-def tile_acc_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, kmin, kmax, G, N,
+def tile_acc_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kseg, G, N,
                 E: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
-    """``tile_acc`` for the prefill loop (uniform tiles: one merged dot per group; mixed: one per slice)."""
-    if kmin == kmax:
-        if kmax == 1:
-            acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G, N,
-                                1, False, GROUP, DT, USE_ASM)
-        elif kmax == 2:
-            if E >= 2:
-                acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G,
-                                    N, 2, False, GROUP, DT, USE_ASM)
-        elif kmax == 3:
-            if E >= 3:
-                acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G,
-                                    N, 3, False, GROUP, DT, USE_ASM)
-        else:
-            if E >= 4:
-                acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G,
-                                    N, 4, False, GROUP, DT, USE_ASM)
+    """``group_loop_dq`` for a tile whose tokens all use ``kseg`` slices (1..E, a device scalar)."""
+    if kseg == 1:
+        acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, G, N,
+                            1, GROUP, DT, USE_ASM)
+    elif kseg == 2:
+        if E >= 2:
+            acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, G, N,
+                                2, GROUP, DT, USE_ASM)
+    elif kseg == 3:
+        if E >= 3:
+            acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, G, N,
+                                3, GROUP, DT, USE_ASM)
     else:
-        if kmax == 2:
-            if E >= 2:
-                acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G,
-                                    N, 2, True, GROUP, DT, USE_ASM)
-        elif kmax == 3:
-            if E >= 3:
-                acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G,
-                                    N, 3, True, GROUP, DT, USE_ASM)
-        else:
-            if E >= 4:
-                acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, kt, G,
-                                    N, 4, True, GROUP, DT, USE_ASM)
+        if E >= 4:
+            acc = group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_ptrs, n_mask, G, N,
+                                4, GROUP, DT, USE_ASM)
     return acc
