@@ -4,8 +4,9 @@
 import importlib
 import json
 import os
-import statistics
+import runpy
 import time
+from pathlib import Path
 
 import torch
 from mobiquant.kernels.layout import PackedSlices
@@ -43,30 +44,8 @@ def rpack(N, K, E=4, g=128):
     )
 
 
-def time_graph(run, reps=5, inner=2):
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        run()
-    torch.cuda.current_stream().wait_stream(st)
-    with torch.cuda.graph(g):
-        run()
-    torch.cuda.synchronize()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(inner):
-            g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / inner)
-    return statistics.median(ts)
+# capture once, median ms per replay (benchmarks/kernels.py: its module name would clash with the kernels/ package)
+time_graph = runpy.run_path(str(Path(__file__).parents[1] / "kernels.py"))["time_graph"]
 
 
 M = 2048

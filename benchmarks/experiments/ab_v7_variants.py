@@ -4,9 +4,10 @@
 import importlib
 import json
 import os
-import statistics
+import runpy
 import sys
 import time
+from pathlib import Path
 
 import torch
 from mobiquant.kernels.layout import PackedSlices
@@ -70,31 +71,8 @@ def call(mod, x, packs, k, y, cfg):
     return m.sliced_gemv_cc(x, packs, k, out=y, config=cfg)
 
 
-def time_graph(run, reps=15, inner=4):
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        run()
-    torch.cuda.current_stream().wait_stream(st)
-    with torch.cuda.graph(g):
-        run()
-    torch.cuda.synchronize()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(inner):
-            g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / inner)
-    return statistics.median(ts)
+# capture once, median ms per replay (benchmarks/kernels.py: its module name would clash with the kernels/ package)
+time_graph = runpy.run_path(str(Path(__file__).parents[1] / "kernels.py"))["time_graph"]
 
 
 units = [u for u in os.environ.get("UNITS", "qkv,o,gu,down,k,gate").split(",")]
