@@ -169,7 +169,7 @@ def sliced_gemv(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: tor
     cfg = config or lookup("sliced_gemv", M, N, K) or default_config(M, N, K, packed.group_size)
     BN, SK = cfg["BLOCK_N"], cfg["SPLIT_K"]
     G = K // packed.group_size
-    SK = max(1, min(SK, G))
+    SK = split_count(G, SK)
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     n_tiles = triton.cdiv(N, BN)
     ws, cnt = _scratch(x.device, n_tiles * SK * BN * BLOCK_M if SK > 1 else 1, n_tiles)
@@ -183,6 +183,19 @@ def sliced_gemv(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: tor
     return y
 
 
+def split_count(G: int, split_k: int) -> int:
+    """The split-K actually launched for G groups: at most ``split_k``, and every split gets at least one group.
+
+    The kernels give split p the groups [p gps, min((p + 1) gps, G)) with gps = cdiv(G, SPLIT_K), so a split count
+    with (SPLIT_K - 1) gps >= G leaves the last splits empty (G = 112, SPLIT_K = 32: gps = 4, splits 28..31). Those
+    programs add nothing and, in v7, asked for an L2 prefetch of a negative size (read as ~4 GB): down_proj at
+    split-K 32 took 0.3-0.5 ms instead of ~13 us (KERNEL_NOTES.md, "eighth session")."""
+    sk = max(1, min(split_k, G))
+    while sk > 1 and (sk - 1) * triton.cdiv(G, sk) >= G:
+        sk -= 1
+    return sk
+
+
 def sliced_gemv_ref(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor) -> torch.Tensor:
     """Pure torch: y_t = x_t Ŵ_{k_t}ᵀ in fp32, cast to x's dtype (one dense Ŵ_k per k present)."""
     kk = k.clamp(1, packed.num_slices).long()
@@ -194,4 +207,4 @@ def sliced_gemv_ref(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor) -> t
     return y.to(x.dtype)
 
 
-__all__ = ["sliced_gemv", "sliced_gemv_ref", "default_config", "MAX_TOKENS"]
+__all__ = ["sliced_gemv", "sliced_gemv_ref", "default_config", "split_count", "MAX_TOKENS"]

@@ -70,7 +70,7 @@ import triton.language as tl
 from ._tile import load_planes, merge_planes_ptx
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
-from .sliced_gemv import _check_args, _scratch
+from .sliced_gemv import _check_args, _scratch, split_count
 from .tuning import lookup
 
 MAX_TOKENS_CC = 4
@@ -337,7 +337,7 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
     z_ptrs = z_row + i_g[None, :] * N
     acc = tl.zeros((BN, GPI, WPG), tl.float32)
     if L2PF:  # the program's whole row range, every plane, requested into L2 up front (no registers held)
-        nbytes = tl.zeros((BN,), tl.int32) + (g_hi - g_lo) * (WPG * 4)
+        nbytes = tl.zeros((BN,), tl.int32) + tl.maximum(g_hi - g_lo, 0) * (WPG * 4)  # never negative
         for e in tl.static_range(KS):
             a = (w_row1 + e * plane_stride + g_lo * WPG).to(tl.int64, bitcast=True)
             tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [a, nbytes], dtype=tl.int32, is_pure=False, pack=1)
@@ -439,7 +439,7 @@ def _sliced_gemv_cc_kernel(
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
         # into L2. x, k, y and the split-K workspace are touched only after the wait.
         if L2OK:
-            nbytes = tl.zeros((BLOCK_N,), tl.int32) + (g_hi - g_lo) * (WPG * 4)
+            nbytes = tl.zeros((BLOCK_N,), tl.int32) + tl.maximum(g_hi - g_lo, 0) * (WPG * 4)  # never negative
             tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [(w_row1 + g_lo * WPG).to(tl.int64, bitcast=True),
                                                             nbytes], dtype=tl.int32, is_pure=False, pack=1)
         one = tl.full((1,), 0, tl.int32)
@@ -557,7 +557,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     cfg = config or lookup("sliced_gemv_cc", M, N, K) or default_config_cc(M, N, K, p0.group_size)
     BN, GPI, SK = cfg["BLOCK_N"], cfg.get("GPI", 1), cfg["SPLIT_K"]
     G = K // p0.group_size
-    SK = max(1, min(SK, triton.cdiv(G, GPI)))
+    SK = split_count(G, min(SK, triton.cdiv(G, GPI)))
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     n_tiles = sum(triton.cdiv(n, BN) for n in Ns)
     ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)

@@ -15,7 +15,7 @@ from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
 from mobiquant.kernels.tuning import lookup
 
 B = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")
-N8 = importlib.import_module("mobiquant.kernels.cc8")  # kernels/sliced_gemv_cc.py + v7_pf3_xl1.patch
+N8 = importlib.import_module("mobiquant.kernels.cc8") if os.environ.get("VARIANTS") != "rows" else None  # + patch
 
 OUT = os.environ.get("OUT", "/tmp")
 T0 = time.time()
@@ -54,6 +54,15 @@ def base_cfg(u):
 
 def variants(u):
     b = base_cfg(u)
+    if os.environ.get("VARIANTS") == "rows":  # more rows per thread (committed kernel, configs only)
+        v = {"base": ("B", b)}
+        for bn, nw in ((256, 4), (256, 8), (128, 2), (512, 8)):
+            for f in (1, 2, 4):
+                sk = b["SPLIT_K"] * f
+                for pf in (1, 2):
+                    if sk <= 32:
+                        v[f"bn{bn} w{nw} sk{sk} pf{pf}"] = ("B", dict(b, BLOCK_N=bn, num_warps=nw, SPLIT_K=sk, PF=pf))
+        return v
     v = {"base": ("B", b), "xl1": ("N", dict(b, XL1=1))}
     v[f"xl1 pf{3 - b['PF']}"] = ("N", dict(b, XL1=1, PF=3 - b["PF"]))
     for f in (2, 0.5):

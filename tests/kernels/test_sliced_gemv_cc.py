@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, tol  # noqa: E402
 from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_linear  # noqa: E402
+from mobiquant.kernels.sliced_gemv import split_count  # noqa: E402
 from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text, default_config_cc  # noqa: E402
 
 _SEED = iter(range(40_000, 50_000))
@@ -58,6 +59,23 @@ def test_mixed_k_four_tokens():
 ])
 def test_split_k_and_variants(config):
     run_case(130, 640, 128, [1, 3, 4, 2], config)
+
+
+@pytest.mark.parametrize("G", [1, 5, 10, 32, 100, 112])
+@pytest.mark.parametrize("sk", [1, 3, 8, 16, 32, 64])
+def test_split_count_leaves_no_split_empty(G, sk):
+    """The kernels give split p the groups [p gps, (p + 1) gps) with gps = cdiv(G, SPLIT_K): every launched split
+    must start inside [0, G) (an empty one asked v7 for an L2 prefetch of negative size) and together they cover G."""
+    n = split_count(G, sk)
+    gps = -(-G // n)
+    assert 1 <= n <= min(sk, G)
+    assert (n - 1) * gps < G <= n * gps
+    assert n == min(sk, G) or (min(sk, G) - 1) * -(-G // min(sk, G)) >= G  # reduced only where a split was empty
+
+
+def test_split_k_with_empty_splits_requested():
+    """10 groups at split-K 8 would leave splits 5..7 without a group; the launch uses 5 splits, same result."""
+    run_case(40, 320, 32, [1, 3, 4, 2], dict(BLOCK_N=32, GPI=1, SPLIT_K=8, num_warps=4, PF=1))
 
 
 @pytest.mark.parametrize("kv", [[1], [2], [3], [4], [2, 4, 1, 3]])
