@@ -37,14 +37,23 @@ n-tiles follow each other along grid axis 0, each program picks its weight's poi
 (k (M, S): token m of weight s at k[m, s]) and writes its rows at the weight's offset in y (M, N_1 + N_2 + ...).
 This saves the fixed cost of the separate launches (KERNEL_NOTES.md, "decode step").
 
+Tensor cores from registers (config MMA, a bitmask: bit k - 1 puts slice count k there; group 128, BLOCK_N a
+multiple of 16 x num_warps, else ignored): the same q per register, but the products and sums run as mma.sync
+m16n8k16 on fragments the unpacking leaves in registers (no shared memory). The (BLOCK_N, 4) tile's default layout
+gives lane 4 g + t chunks (words) 2t, 2t + 1 of two rows shared by its quad, which is mma.sync's A fragment with the
+group's 128 weights as the quad's 16 columns over 8 mmas; x fills B (every column the same token). Fewer
+instructions per weight than the CUDA-core dot (SASS, KERNEL_NOTES.md "v8"): 2.1 / 2.5 / 3.7 / 4.3 at k = 1..4
+against 2.7 / 3.1 / 4.5 / 4.9, sums in fp32.
+
 Launch options (config dict, tuned per shape in configs/h100.json): BLOCK_N, GPI (groups per iteration), SPLIT_K,
 num_warps, PF (1: prefetch the next iteration's words, scales and zero points into registers; 2: the loop unrolled by
 two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), L2PF (bulk L2
 prefetch of the program's row range), GPK (4 / 2 x GPI groups per iteration at k = 1 / 2), PDL (programmatic dependent
 launch: before ``griddepcontrol.wait`` a program only prefetches its plane-1 weights into L2; x, k, y and the split-K
-workspace are touched after it), maxnreg. Two more options were measured and removed (KERNEL_NOTES.md, "v7 profile";
-code in commit 970f493): x of the next step prefetched (slower except in the fused q/k/v launch alone, and slower
-there, with PF = 2, in the decode chain) and the first step's loads issued before the PDL wait (slower at every k).
+workspace are touched after it), MMA, maxnreg. Two more options were measured and removed (KERNEL_NOTES.md,
+"v7 profile"; code in commit 970f493): x of the next step prefetched (slower except in the fused q/k/v launch alone,
+and slower there, with PF = 2, in the decode chain) and the first step's loads issued before the PDL wait (slower at
+every k).
 Scales and zero points are loaded as raw 16-bit values and converted where they are used (KERNEL_NOTES.md, "v7
 profile": a conversion next to the load made every prefetch of them wait for its own load).
 
@@ -89,14 +98,12 @@ def _h2(v: float) -> str:
     return hex(h | (h << 16))
 
 
-def asm_cc_text(ks: int) -> str:
-    """PTX: plane words $9..$(8+ks) and x pairs $1..$8 (fp16x2 of positions 2j, 2j+1) -> $0 = P (fp32)."""
-    L = ["{", ".reg .b32 t, u0, u1, u2, u3, r, q, a, b, c, c1, s0, s1, s2, s3;", ".reg .b16 h0, h1;",
-         ".reg .f32 f0, f1;"]
-    merge, regs = merge_planes_ptx(ks, [f"${9 + e}" for e in range(ks)])
-    L += merge
+def q_regs_ptx(ks: int, words: list[str], out: str, tmp: str = "s") -> list[str]:
+    """PTX: the k plane words ``words`` (plane 1 first) -> eight fp16x2 registers ``out``0..7 of q = Q 4^-(k-1)/16
+    - 1/8 (register j: slots j, j + 8). Needs t, u0..u3, r, c, c1 declared and c1 set; shifted copies of a source go
+    to ``tmp``0.. (declared by the caller, at most 4)."""
+    L, regs = merge_planes_ptx(ks, words)
     c1 = 2.0 ** -(2 * ks + 2)
-    L.append(f"mov.b32 c1, {_h2(c1)};")
     shifted = {}
     for j, (src, p, b) in enumerate(regs):
         if p + b > 10:  # field above the mantissa: shift it down (one shift per source and amount, reused)
@@ -105,7 +112,7 @@ def asm_cc_text(ks: int) -> str:
                 sh = 8
             key = (src, sh)
             if key not in shifted:
-                reg = f"s{len(shifted)}"
+                reg = f"{tmp}{len(shifted)}"
                 L.append(f"shr.u32 {reg}, {src}, {sh};")
                 shifted[key] = reg
             src, p = shifted[key], p - sh
@@ -113,14 +120,50 @@ def asm_cc_text(ks: int) -> str:
         mask = ((1 << b) - 1) << p
         L.append(f"lop3.b32 r, {src}, {hex(mask | (mask << 16))}, {_h2(magic)}, 0xEA;")  # (a & b) | c
         L.append(f"mov.b32 c, {_h2(-magic * c1 - 0.125)};")  # f16x2 operands must be registers
-        L.append("fma.rn.f16x2 q, r, c1, c;")  # Q 4^-(k-1)/16 - 1/8, exact
-        acc = "a" if j % 2 == 0 else "b"  # two chains (even / odd j) of 4 products: half the latency
-        if j < 2:
-            L.append(f"mul.rn.f16x2 {acc}, q, ${1 + j};")
-        else:
-            L.append(f"fma.rn.f16x2 {acc}, q, ${1 + j}, {acc};")
+        L.append(f"fma.rn.f16x2 {out}{j}, r, c1, c;")  # Q 4^-(k-1)/16 - 1/8, exact
+    return L
+
+
+def asm_cc_text(ks: int) -> str:
+    """PTX: plane words $9..$(8+ks) and x pairs $1..$8 (fp16x2 of positions 2j, 2j+1) -> $0 = P (fp32)."""
+    L = ["{", ".reg .b32 t, u0, u1, u2, u3, r, c, c1, a, b, s0, s1, s2, s3, q0, q1, q2, q3, q4, q5, q6, q7;",
+         ".reg .b16 h0, h1;", ".reg .f32 f0, f1;", f"mov.b32 c1, {_h2(2.0 ** -(2 * ks + 2))};"]
+    L += q_regs_ptx(ks, [f"${9 + e}" for e in range(ks)], "q")
+    for j in range(8):  # two chains (even / odd j) of 4 products: half the latency
+        acc = "a" if j % 2 == 0 else "b"
+        L.append(f"mul.rn.f16x2 {acc}, q{j}, ${1 + j};" if j < 2 else f"fma.rn.f16x2 {acc}, q{j}, ${1 + j}, {acc};")
     L += ["add.rn.f16x2 a, a, b;", "mov.b32 {h0, h1}, a;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;",
           "add.f32 $0, f0, f1;", "}"]
+    return "\n".join(L)
+
+
+def asm_mma_text(ks: int) -> str:
+    """PTX for the tensor-core path (pack = 2; mma.sync m16n8k16, the products of q and x on the tensor cores).
+
+    One instance holds two elements of a lane: rows e0, e1 (shared by the lane's quad, lanes 4 g + t, t = 0..3) at
+    chunks a = 2t and b = 2t + 1 of one group (a chunk = one word = 16 weights, so the quad covers the group's 8).
+    Operands: $0, $1 = P of e0, e1 (fp32); plane e: word a $(2 + 4e) (e0), $(3 + 4e) (e1), word b $(4 + 4e),
+    $(5 + 4e); x pair j (j < 8: chunk a, j >= 8: chunk b) $(2 + 4ks + 2j) (twice, equal). mma c of chain A takes
+    A = {q_e0a[2c], q_e1a[2c], q_e0a[2c+1], q_e1a[2c+1]} (tile row g = e0, g + 8 = e1; tile columns 2t, 2t+1 = slots
+    (2c, 2c+8) of the lane's chunk, 2t+8, 2t+9 = slots (2c+1, 2c+9)) and B = {x pair 2c, x pair 2c+1} of chunk a, the
+    same in every column; chain B the same with chunk b. D row g sums the quad's chunks, so chains A and B together
+    give row e0's whole group; each of the four lanes returns a quarter of it (the caller sums over lanes). Products
+    are exact, sums fp32 (|q| <= 1/8; no fp16 accumulation as in the CUDA-core path)."""
+    L = ["{", ".reg .b32 t, u0, u1, u2, u3, r, c, c1, s0, s1, s2, s3;"]
+    L += [".reg .b32 " + ", ".join(f"q{w}{j}" for j in range(8)) + ";" for w in "abcd"]
+    L += [".reg .f32 d0, d1, d2, d3, e0, e1, e2, e3;", f"mov.b32 c1, {_h2(2.0 ** -(2 * ks + 2))};"]
+    for w, off in zip("abcd", (2, 3, 4, 5)):  # a: (e0, chunk a), b: (e1, a), c: (e0, chunk b), d: (e1, b)
+        L += q_regs_ptx(ks, [f"${off + 4 * e}" for e in range(ks)], f"q{w}")
+    L += [f"mov.f32 {r}, 0f00000000;" for r in ("d0", "d1", "d2", "d3", "e0", "e1", "e2", "e3")]
+    x0 = 2 + 4 * ks
+    for c in range(4):
+        for d, (r0, r1), xo in (("d", ("qa", "qb"), 0), ("e", ("qc", "qd"), 8)):
+            acc = f"{{{d}0, {d}1, {d}2, {d}3}}"
+            L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {acc}, "
+                     f"{{{r0}{2 * c}, {r1}{2 * c}, {r0}{2 * c + 1}, {r1}{2 * c + 1}}}, "
+                     f"{{${x0 + 2 * (xo + 2 * c)}, ${x0 + 2 * (xo + 2 * c + 1)}}}, {acc};")
+    L += ["add.f32 d0, d0, e0;", "add.f32 d2, d2, e2;",
+          "mul.f32 $0, d0, 0f3E800000;", "mul.f32 $1, d2, 0f3E800000;", "}"]  # a quarter each
     return "\n".join(L)
 
 
@@ -140,11 +183,19 @@ ASM_CC_1 = tl.constexpr(asm_cc_text(1))
 ASM_CC_2 = tl.constexpr(asm_cc_text(2))
 ASM_CC_3 = tl.constexpr(asm_cc_text(3))
 ASM_CC_4 = tl.constexpr(asm_cc_text(4))
+ASM_MMA_1 = tl.constexpr(asm_mma_text(1))
+ASM_MMA_2 = tl.constexpr(asm_mma_text(2))
+ASM_MMA_3 = tl.constexpr(asm_mma_text(3))
+ASM_MMA_4 = tl.constexpr(asm_mma_text(4))
 ASM_XSUM = tl.constexpr(asm_xsum_text())
 CC_CONS_1 = tl.constexpr("=r" + ",r" * 9)
 CC_CONS_2 = tl.constexpr("=r" + ",r" * 10)
 CC_CONS_3 = tl.constexpr("=r" + ",r" * 11)
 CC_CONS_4 = tl.constexpr("=r" + ",r" * 12)
+MMA_CONS_1 = tl.constexpr("=r,=r" + ",r" * 36)
+MMA_CONS_2 = tl.constexpr("=r,=r" + ",r" * 40)
+MMA_CONS_3 = tl.constexpr("=r,=r" + ",r" * 44)
+MMA_CONS_4 = tl.constexpr("=r,=r" + ",r" * 48)
 XSUM_CONS = tl.constexpr("=r" + ",r" * 8)
 ASM_LDX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8];\nld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8 + 16];")
 LDX_CONS = tl.constexpr("=r," * 8 + "l")
@@ -153,6 +204,10 @@ I32X8 = tl.constexpr((tl.int32,) * 8)
 # right where the prefetch issues it: the first ncu profile of v7 found 1/3 of all stall samples there)
 # (zero-extended into 32-bit registers: a 16-bit loop-carried value costs a PRMT that waits for the load at the
 # end of the iteration)
+ASM_LDW2 = tl.constexpr("ld.global.nc.v2.b32 {$0, $1}, [$2];")
+ASM_LDX16 = tl.constexpr("\n".join(f"ld.global.nc.v4.b32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, ${4 * i + 3}}}, "
+                                    f"[$16 + {16 * i}];" for i in range(4)))
+I32X16 = tl.constexpr((tl.int32,) * 16)
 ASM_LDSZ = tl.constexpr("ld.global.nc.u16 $0, [$2];\nld.global.nc.u16 $1, [$3];")
 LDSZ_CONS = tl.constexpr("=r,=r,l,l")
 ASM_CVT_LO = tl.constexpr("{\n.reg .b16 l, h;\nmov.b32 {l, h}, $1;\ncvt.f32.f16 $0, l;\n}")
@@ -373,6 +428,137 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
 
 
 @triton.jit
+def _mma_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """(BN, 4) fp32: per element (row, t) a share of the row's dot with x over the group (the sum over t is the dot).
+    wa*/wb*: planes' words of chunks 2t / 2t + 1; xs: the 16 x pairs (1, 4) (8 of chunk 2t, then 8 of chunk 2t + 1).
+    PTX: ``asm_mma_text``; interpreter: each element's own two word dots."""
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = xs
+    if USE_ASM:
+        xl = [x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15]
+        if KS == 1:
+            P = tl.inline_asm_elementwise(ASM_MMA_1, MMA_CONS_1, [wa0, wb0] + xl, dtype=tl.float32, is_pure=True,
+                                          pack=2)
+        elif KS == 2:
+            P = tl.inline_asm_elementwise(ASM_MMA_2, MMA_CONS_2, [wa0, wb0, wa1, wb1] + xl, dtype=tl.float32,
+                                          is_pure=True, pack=2)
+        elif KS == 3:
+            P = tl.inline_asm_elementwise(ASM_MMA_3, MMA_CONS_3, [wa0, wb0, wa1, wb1, wa2, wb2] + xl,
+                                          dtype=tl.float32, is_pure=True, pack=2)
+        else:
+            P = tl.inline_asm_elementwise(ASM_MMA_4, MMA_CONS_4, [wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3] + xl,
+                                          dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        P = _word_dot(wa0, wa1, wa2, wa3, x0, x1, x2, x3, x4, x5, x6, x7, KS, False)
+        P += _word_dot(wb0, wb1, wb2, wb3, x8, x9, x10, x11, x12, x13, x14, x15, KS, False)
+    return P
+
+
+@triton.jit
+def _ldw2(p, USE_ASM: tl.constexpr):
+    """Words at p and p + 1 (8 bytes), in p's layout."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(ASM_LDW2, "=r,=r,l", [p.to(tl.int64, bitcast=True)], dtype=I32X2,
+                                         is_pure=True, pack=1)
+    return tl.load(p), tl.load(p + 1)
+
+
+@triton.jit
+def _load_words_mma(wp, plane_stride, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Words of chunks 2t, 2t + 1 (BN, 4) of each plane at wp (valid addresses), in the tile's own layout (tl.load
+    would pick a coalesced one and convert it through shared memory); unused planes repeat plane 1."""
+    wa0, wb0 = _ldw2(wp, USE_ASM)
+    wa1, wb1, wa2, wb2, wa3, wb3 = wa0, wb0, wa0, wb0, wa0, wb0
+    if KS > 1:
+        wa1, wb1 = _ldw2(wp + plane_stride, USE_ASM)
+    if KS > 2:
+        wa2, wb2 = _ldw2(wp + 2 * plane_stride, USE_ASM)
+    if KS > 3:
+        wa3, wb3 = _ldw2(wp + 3 * plane_stride, USE_ASM)
+    return wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3
+
+
+@triton.jit
+def _load_x_mma(xp, USE_ASM: tl.constexpr):
+    """The 16 x pairs (1, 4) int32 of chunks 2t, 2t + 1 (xp (4,): pair 0 of chunk 2t)."""
+    if USE_ASM:
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = tl.inline_asm_elementwise(
+            ASM_LDX16, "=r," * 16 + "l", [xp.to(tl.int64, bitcast=True)], dtype=I32X16, is_pure=True, pack=1)
+    else:
+        x0, x1, x2, x3 = tl.load(xp), tl.load(xp + 1), tl.load(xp + 2), tl.load(xp + 3)
+        x4, x5, x6, x7 = tl.load(xp + 4), tl.load(xp + 5), tl.load(xp + 6), tl.load(xp + 7)
+        x8, x9, x10, x11 = tl.load(xp + 8), tl.load(xp + 9), tl.load(xp + 10), tl.load(xp + 11)
+        x12, x13, x14, x15 = tl.load(xp + 12), tl.load(xp + 13), tl.load(xp + 14), tl.load(xp + 15)
+    return (x0[None, :], x1[None, :], x2[None, :], x3[None, :], x4[None, :], x5[None, :], x6[None, :], x7[None, :],
+            x8[None, :], x9[None, :], x10[None, :], x11[None, :], x12[None, :], x13[None, :], x14[None, :],
+            x15[None, :])
+
+
+@triton.jit
+def _load_sz_mma(sp, zp, USE_ASM: tl.constexpr):
+    """s_1, z_1 (BN, 1) of one group: the fp16 bits in int32 (converted where they are used, as in ``_load_sz``)."""
+    if USE_ASM:
+        s, z = tl.inline_asm_elementwise(ASM_LDSZ, LDSZ_CONS, [sp.to(tl.int64, bitcast=True),
+                                                               zp.to(tl.int64, bitcast=True)],
+                                         dtype=I32X2, is_pure=True, pack=1)
+    else:
+        s = tl.load(sp).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        z = tl.load(zp).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return s, z
+
+
+@triton.jit
+def _mma_loop(w_rowc, xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
+              USE_ASM: tl.constexpr, PF: tl.constexpr):
+    """``_cc_loop`` on the tensor cores (group 128): (BN,) fp32 = Σ over groups [g_lo, g_hi) of s_1 P +
+    s_1 (2 - z_1 + 2^-(2KS-1)) X (then times 16), one group per step.
+
+    w_rowc (BN, 1): plane 1, word 0 of each row (rows past N clamped to a valid one, never stored). The (BN, 4) tile
+    takes Triton's default layout for that shape, lanes [8, 4] and warps along rows: lane 4 g + t holds chunks 2t,
+    2t + 1 of rows g + 8 W i, so the two rows of a pack = 2 instance (i, i + 1) are shared by the lane's quad, as
+    mma.sync's A fragment wants (``asm_mma_text``). Needs BN a multiple of 16 W."""
+    CZ: tl.constexpr = 2.0 + 0.5 ** (2 * KS - 1)
+    BN: tl.constexpr = w_rowc.shape[0]
+    i_t = tl.arange(0, 4)
+    w_ptrs = w_rowc + i_t[None, :] * 2  # (BN, 4): chunk 2t of group 0
+    xi_ptrs = xi_base + i_t * 16  # (4,): x pair 0 of chunk 2t
+    acc = tl.zeros((BN, 4), tl.float32)
+    if PF:
+        v = _load_words_mma(w_ptrs + g_lo * 8, plane_stride, KS, USE_ASM)
+        sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
+    for g in range(g_lo, g_hi):
+        if PF:  # this group's words, s and z were loaded one step ahead; the next group's are issued now (past the
+            w, s, z = v, sv, zv  # end: the last group again, a valid address)
+            gn = tl.minimum(g + 1, g_hi - 1)
+            v = _load_words_mma(w_ptrs + gn * 8, plane_stride, KS, USE_ASM)
+            sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, USE_ASM)
+        else:
+            w = _load_words_mma(w_ptrs + g * 8, plane_stride, KS, USE_ASM)
+            s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
+        wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
+        xs = _load_x_mma(xi_ptrs + g * 64, USE_ASM)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = xs
+        sf = _f16_bits_to_f32(s, USE_ASM)
+        b = sf * (CZ - _f16_bits_to_f32(z, USE_ASM))
+        X = _xsum(x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM) + _xsum(x8, x9, x10, x11, x12, x13, x14, x15, USE_ASM)
+        P = _mma_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS, USE_ASM)  # (BN, 4)
+        acc = acc + sf * P
+        acc = acc + b * X
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride, KS: tl.constexpr,
+              GPI: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr, PF: tl.constexpr,
+              L2PF: tl.constexpr, MMA: tl.constexpr):
+    """(BN,) the rows' sums before the final factor 16: on the tensor cores if bit KS - 1 of MMA is set, else on
+    the CUDA cores (the tile, split-K and prefetch are the launch's, for both)."""
+    if (MMA >> (KS - 1)) & 1:
+        return _mma_loop(w_row1[:, None], xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS, USE_ASM, PF)
+    return _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride, KS, GPI,
+                    GPK, WPG, USE_ASM, PF, L2PF)
+
+
+@triton.jit
 def _sliced_gemv_cc_kernel(
     x_ptr, y_ptr, k_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr,
     N, G, stride_xm, stride_ym, plane_stride,
@@ -381,7 +567,7 @@ def _sliced_gemv_cc_kernel(
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, L2PF: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
-    RSPLIT: tl.constexpr,
+    RSPLIT: tl.constexpr, MMA: tl.constexpr,
 ):
     """x_ptr: x as int32 pairs (M, K/2); stride_xm in int32 units.
 
@@ -459,20 +645,20 @@ def _sliced_gemv_cc_kernel(
         kt = tl.minimum(tl.maximum(tl.load(k_ptr + m * NSEG + seg), 1), E)
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
-        yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
+        yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     elif kt == 2:
         if E >= 2:
-            yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
+            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     elif kt == 3:
         if E >= 3:
-            yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
+            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     else:
         if E >= 4:
-            yv = _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK)
+            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     yv = yv * 16.0
     y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
     if SPLIT_K == 1:
@@ -563,6 +749,11 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)
     xi = x.view(torch.int32)  # (M, K/2) fp16 pairs
     pdl = bool(cfg.get("PDL", 0)) and use_asm and _has_pdl()
+    # MMA bit k - 1: slice count k on the tensor cores; only for groups of 128 and BLOCK_N a multiple of 16 x warps
+    # (a tuned entry is keyed by shape, not group size: otherwise the CUDA-core path, always valid)
+    mma = int(cfg.get("MMA", 0)) & ((1 << p0.num_slices) - 1)
+    if p0.group_size != 128 or BN % (16 * cfg.get("num_warps", 4)):
+        mma = 0
     rest = []  # weights 2 and 3 (the first one's tensors and N = 0 where absent)
     for i in (1, 2):
         p = packs[i] if i < len(packs) else p0
@@ -579,7 +770,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
         PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl,
-        NSEG=len(packs), **rconst,
+        NSEG=len(packs), MMA=mma, **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),

@@ -15,7 +15,8 @@ from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
 from mobiquant.kernels.tuning import lookup
 
 B = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")
-N8 = importlib.import_module("mobiquant.kernels.cc8") if os.environ.get("VARIANTS") != "rows" else None  # + patch
+VARIANTS = os.environ.get("VARIANTS", "loads")  # loads (cc8 = the kernel + v7_pf3_xl1.patch), rows, mma
+N8 = importlib.import_module("mobiquant.kernels.cc8") if VARIANTS == "loads" else None
 
 OUT = os.environ.get("OUT", "/tmp")
 T0 = time.time()
@@ -54,6 +55,16 @@ def base_cfg(u):
 
 def variants(u):
     b = base_cfg(u)
+    if os.environ.get("VARIANTS") == "mma":  # tensor cores from registers (MMA = 1), committed kernel
+        v = {"base": ("B", b)}
+        for bn, nw in ((64, 4), (128, 4), (32, 2), (64, 2)):
+            for f in (1, 2):
+                sk = b["SPLIT_K"] * f
+                for pf in (0, 1):
+                    if sk <= 16:
+                        v[f"mma bn{bn} w{nw} sk{sk} pf{pf}"] = ("B", dict(b, BLOCK_N=bn, num_warps=nw, SPLIT_K=sk,
+                                                                          PF=pf, MMA=1))
+        return v
     if os.environ.get("VARIANTS") == "rows":  # more rows per thread (committed kernel, configs only)
         v = {"base": ("B", b)}
         for bn, nw in ((256, 4), (256, 8), (128, 2), (512, 8)):
@@ -160,7 +171,7 @@ if all(u in best for u in ("qkv", "o", "gu", "down")):
                             if tag == "base":
                                 call("B", xin[UNITS[u][0][1]], Ld[u], kt, ys[u], base_cfg(u))
                             else:
-                                call("N", xin[UNITS[u][0][1]], Ld[u], kt, ys[u], best[u])
+                                call("N" if N8 else "B", xin[UNITS[u][0][1]], Ld[u], kt, ys[u], best[u])
 
                 KT = {u: torch.full((1, len(UNITS[u])), kk, dtype=torch.int32, device="cuda") for u in UNITS}
                 row[tag] = time_graph(run, reps=10, inner=2)
@@ -195,7 +206,8 @@ if all(u in best for u in ("qkv", "o", "gu", "down")):
                                     "down": Ld["down"][0],
                                 }[name]
                                 cfg = base_cfg(u) if tag == "base" else best[u]
-                                call("B" if tag == "base" else "N", xin[src.in_features], [src], kt1, ys[u], cfg)
+                                mod = "B" if tag == "base" or N8 is None else "N"
+                                call(mod, xin[src.in_features], [src], kt1, ys[u], cfg)
 
                     row[tag] = time_graph(run7, reps=10, inner=2)
                 res["stacks"].setdefault(f"separate{L}", []).append(dict(k=kk, round=rnd, **row))

@@ -61,6 +61,28 @@ def test_split_k_and_variants(config):
     run_case(130, 640, 128, [1, 3, 4, 2], config)
 
 
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=3, num_warps=4, PF=1, MMA=15),  # 5 groups, uneven splits, every k on tensor cores
+    dict(BLOCK_N=32, GPI=1, SPLIT_K=1, num_warps=2, PF=0, MMA=15),
+    dict(BLOCK_N=128, GPI=1, SPLIT_K=2, num_warps=4, PF=1, MMA=5),  # k = 1, 3 on the tensor cores, k = 2, 4 not
+])
+def test_tensor_core_path(config):
+    """MMA: the tile (BN, 4) of chunks 2t, 2t + 1 per lane; in the interpreter each element's own word dots (the PTX,
+    mma.sync across a lane quad, runs in the GPU tests)."""
+    run_case(130, 640, 128, [1, 3, 4, 2], config)
+    run_case(781, 256, 128, [4], config)
+
+
+def test_tensor_core_path_falls_back_where_it_does_not_apply():
+    """Group 64, or BLOCK_N not a multiple of 16 x warps: MMA is ignored (a tuned entry is keyed by shape only)."""
+    run_case(130, 640, 64, [1, 3, 4, 2], dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1, MMA=15))
+    run_case(130, 640, 128, [2, 4], dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=4, PF=1, MMA=15))
+
+
+def test_tensor_core_path_several_weights():
+    run_multi((200, 72), 512, 128, [[2, 4], [1, 3]], dict(BLOCK_N=32, GPI=1, SPLIT_K=2, num_warps=2, PF=1, MMA=15))
+
+
 @pytest.mark.parametrize("G", [1, 5, 10, 32, 100, 112])
 @pytest.mark.parametrize("sk", [1, 3, 8, 16, 32, 64])
 def test_split_count_leaves_no_split_empty(G, sk):
@@ -261,6 +283,19 @@ def test_gpu_prefetch_variants(N, K, sk, pf):
     run_case(N, K, 128, [1], cfg)
     run_case(N, K, 128, [4], cfg)
     run_case(N, K, 128, [3, 1, 4, 2], cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N,K,bn,nw,sk", [(14336, 4096, 128, 4, 4), (4096, 14336, 128, 4, 16), (6144, 4096, 64, 4, 8),
+                                          (781, 4096, 32, 2, 3)])
+@pytest.mark.parametrize("pf,mma", [(0, 15), (1, 15), (1, 6)])
+def test_gpu_tensor_core_path(N, K, bn, nw, sk, pf, mma):
+    """mma.sync on the lane quads: every k, mixed tokens, large-magnitude x, against the dense reference."""
+    cfg = dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=nw, num_stages=1, PF=pf, PDL=1, MMA=mma)
+    for kv in ([1], [2], [3], [4], [3, 1, 4, 2]):
+        run_case(N, K, 128, kv, cfg)
+    run_case(N, K, 128, [1, 2, 3, 4], cfg, x_scale=1000.0, w_scale=0.02)
 
 
 @pytest.mark.gpu
