@@ -646,19 +646,19 @@ def _sliced_gemv_cc_kernel(
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                      1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+                       1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     elif kt == 2:
         if E >= 2:
             yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+                           2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     elif kt == 3:
         if E >= 3:
             yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+                           3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     else:
         if E >= 4:
             yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                          4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+                           4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
     yv = yv * 16.0
     y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
     if SPLIT_K == 1:
