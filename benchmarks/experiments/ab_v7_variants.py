@@ -15,7 +15,7 @@ from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
 from mobiquant.kernels.tuning import lookup
 
 B = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")
-VARIANTS = os.environ.get("VARIANTS", "loads")  # loads (cc8 = the kernel + v7_pf3_xl1.patch), rows, mma
+VARIANTS = os.environ.get("VARIANTS", "loads")  # loads (cc8 = the kernel + v7_pf3_xl1.patch), rows, mma, mma2
 N8 = importlib.import_module("mobiquant.kernels.cc8") if VARIANTS == "loads" else None
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -64,6 +64,15 @@ def variants(u):
                     if sk <= 16:
                         v[f"mma bn{bn} w{nw} sk{sk} pf{pf}"] = ("B", dict(b, BLOCK_N=bn, num_warps=nw, SPLIT_K=sk,
                                                                           PF=pf, MMA=1))
+        return v
+    if os.environ.get("VARIANTS") == "mma2":  # the tensor-core path unrolled by two (PF = 2) against the tuned configs
+        v = {"base": ("B", b)}
+        for bn, nw in ((64, 4), (128, 4), (64, 2)):
+            for f in (1, 2):
+                sk = b["SPLIT_K"] * f
+                if sk <= 16:
+                    v[f"mma pf2 bn{bn} w{nw} sk{sk}"] = ("B", dict(b, BLOCK_N=bn, num_warps=nw, SPLIT_K=sk, PF=2,
+                                                                 MMA=15))
         return v
     if os.environ.get("VARIANTS") == "rows":  # more rows per thread (committed kernel, configs only)
         v = {"base": ("B", b)}
