@@ -32,6 +32,7 @@ import torch
 from mobiquant.kernels import pack_slices, sliced_gemm, sliced_gemv
 from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
 from mobiquant.kernels.sliced_gemv_cc import sliced_gemv_cc
+from mobiquant.kernels.sliced_gemv_mma import sliced_gemv_mma
 
 from mobiquant.quant import packing, slices
 
@@ -169,6 +170,14 @@ def run_checks(layers, results):
                                                   max_rel=mx, norm_rel=rel, finite=fin, ok=ok))
                     if not ok:
                         log(f"FAIL gemv_cc {name} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
+                for M, kv in [(2, [1, 4]), (4, [2] * 4), (4, mixed_k(4)), (8, mixed_k(8, 4)), (16, mixed_k(16, 1))]:
+                    mx, rel, fin = check(p, M, kv, dtype, fn=sliced_gemv_mma)  # v9: 2..16 fp16 tokens
+                    worst = max(worst, rel)
+                    ok = fin and mx < 2e-3
+                    results["checks"].append(dict(kernel="gemv_mma", shape=name, dtype=str(dtype), M=M, k=kv,
+                                                  max_rel=mx, norm_rel=rel, finite=fin, ok=ok))
+                    if not ok:
+                        log(f"FAIL gemv_mma {name} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
             M = 300
             mx, rel, fin = check(p, M, mixed_k(M, 2), dtype, fn=sliced_gemm)
             ok = fin and mx < (2e-3 if dtype == torch.float16 else 1.6e-2)
@@ -226,6 +235,15 @@ def decode_stack(layers, results, batches, bw, quick=False):
             rows.append(dict(kernel="sliced_gemv", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms, bytes=b,
                              pct_copy_bw=100 * b / (ms * 1e-3) / bw))
             log(f"   M={M:2d} sliced k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+            if M > 1:  # v9, the kernel dispatch uses for 2..16 fp16 tokens (tuned configs)
+                def run_mma():
+                    for L in layers:
+                        for name, (N, K) in SHAPES.items():
+                            sliced_gemv_mma(xin[K], L[name]["ours"], k, out=outs[name])
+                ms = time_graph(run_mma)
+                rows.append(dict(kernel="sliced_gemv_mma", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms,
+                                 bytes=b, pct_copy_bw=100 * b / (ms * 1e-3) / bw))
+                log(f"   M={M:2d} v9 mma k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
             if M == 1:  # v7, the kernel dispatch uses at batch 1 (tuned configs in kernels/configs/h100.json)
                 def run_cc():
                     for L in layers:
@@ -582,7 +600,7 @@ def main():
     ap.add_argument("--sweep-cc", action="store_true", help="v7 correctness + config sweep + small stack")
     ap.add_argument("--sweep-multi", action="store_true", help="v7: q/k/v, gate/up in one launch vs separate")
     ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
-    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--batches", default="1,4,8,16")
     a = ap.parse_args()
     if a.profile_one:
         return profile_one()

@@ -9,7 +9,9 @@ Files (one per concept, house style §3.8):
     _tile.py        shared Triton pieces: PTX unpacking of k planes into BIAS + Q_k, the per-group loop
     sliced_gemv.py  decode kernel v5 (1..16 tokens, tensor cores, split-K) + launcher + torch reference
     sliced_gemv_cc.py  decode kernel v7 (1..4 fp16 tokens, CUDA cores, fp16x2 math); dispatch uses it at 1 token;
-                    takes up to 3 weights of one input in one launch
+                    takes up to 3 weights of one input in one launch (and the v8 tensor-core path)
+    sliced_gemv_mma.py decode kernel v9 (1..16 fp16 tokens, one plane at a time on the tensor cores for all tokens);
+                    dispatch uses it at 2..16 tokens
     sliced_gemm.py  prefill kernel (token permutation by slice count) + launcher + torch reference
     router.py       fused decode-time router of the linears sharing one input (split over K)
     decode_step.py  the decode step's glue between the linears: add + RMSNorm, rotary + KV-cache write, attention,
@@ -36,9 +38,10 @@ if HAS_TRITON:
     from .sliced_gemm import sliced_gemm, sliced_gemm_ref
     from .sliced_gemv import sliced_gemv, sliced_gemv_ref
     from .sliced_gemv_cc import sliced_gemv_cc
+    from .sliced_gemv_mma import sliced_gemv_mma
 
 __all__ = [
     "HAS_TRITON", "PackedSlices", "pack_slices", "unpack_slices", "unpack_codes", "dense_weight", "from_linear",
-    "sliced_linear", "sliced_linear_ref", "sliced_gemv", "sliced_gemv_ref", "sliced_gemv_cc", "sliced_gemm",
-    "sliced_gemm_ref",
+    "sliced_linear", "sliced_linear_ref", "sliced_gemv", "sliced_gemv_ref", "sliced_gemv_cc", "sliced_gemv_mma",
+    "sliced_gemm", "sliced_gemm_ref",
 ]

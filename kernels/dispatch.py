@@ -1,7 +1,9 @@
 """One entry point for the kernels, chosen by token count and dtype (gemlite's ``get_matmul_type``).
 
-    1 token, fp16      sliced_gemv_cc (v7, CUDA cores): 1.2-2.3x faster per linear than v5 on the H100 at batch 1
-    <= 16 tokens       sliced_gemv (v5, tensor cores); v7 measured slower than v5 at 4 tokens (KERNEL_NOTES.md)
+    1 token, fp16      sliced_gemv_cc (v7 + v8): fastest at batch 1 on the H100 (fewest instructions per weight)
+    2..16, fp16, g128  sliced_gemv_mma (v9, one plane at a time for all tokens): at 4 tokens 1.5x faster than v5 at
+                       k = 2, and a mixed batch costs what uniform k_max costs (v5: 2.1x; KERNEL_NOTES.md, "v9")
+    <= 16 tokens       sliced_gemv (v5, tensor cores through shared memory): bf16, other group sizes
     more               sliced_gemm (prefill)
 
 ``sliced_linear_multi`` runs the weights of one input (q/k/v, gate/up), each at its own slice counts: one v7 launch
@@ -16,13 +18,15 @@ from .layout import PackedSlices
 from .sliced_gemm import sliced_gemm
 from .sliced_gemv import MAX_TOKENS, sliced_gemv, sliced_gemv_ref
 from .sliced_gemv_cc import sliced_gemv_cc
+from .sliced_gemv_mma import GROUP_MMA, MAX_TOKENS_MMA, sliced_gemv_mma
 
 CC_MAX_TOKENS = 1  # v7 only where it measured faster (batch 1); its kernel takes up to 4 tokens
 
 
 def sliced_linear(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor | int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (..., N) = x (..., K) Ŵ_{k_t}ᵀ (+ bias): v7 for one fp16 token, v5 for <= 16 tokens, prefill kernel above.
+    """y (..., N) = x (..., K) Ŵ_{k_t}ᵀ (+ bias): v7 + v8 for one fp16 token, v9 for 2..16 fp16 tokens (groups of
+    128), v5 for other decode batches, the prefill kernel above 16 tokens.
 
     k: an int (all tokens) or an int32 tensor shaped like x[..., 0] on x's device (each token's slice count, 1..E).
     The choice depends only on shapes, never on k's values: no host synchronisation.
@@ -36,6 +40,8 @@ def sliced_linear(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor | int,
         k = k.reshape(-1).to(device=x.device, dtype=torch.int32)
     if M <= CC_MAX_TOKENS and x2.dtype == torch.float16:
         y = sliced_gemv_cc(x2, packed, k)
+    elif M <= MAX_TOKENS_MMA and x2.dtype == torch.float16 and packed.group_size == GROUP_MMA:
+        y = sliced_gemv_mma(x2, packed, k)
     elif M <= MAX_TOKENS:
         y = sliced_gemv(x2, packed, k)
     else:

@@ -65,51 +65,103 @@ def _f16x2(fn, *ops):
     return lo | (hi << 16)
 
 
+def _val(regs, tok):
+    tok = tok.strip()
+    if tok.startswith("0f"):  # fp32 literal
+        return float(np.array([int(tok[2:], 16)], dtype=np.uint32).view(np.float32)[0])
+    return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+
+def _exec_line(line, regs):
+    """One PTX instruction of the subset below on the register dict ``regs`` (in place)."""
+    op, rest = line.split(None, 1)
+    if op == "mov.b32" and rest.startswith("{"):
+        dst, src = rest.split("},")
+        lo, hi = (t.strip() for t in dst.strip("{ ").split(","))
+        v = _val(regs, src)
+        regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+        return
+    a = [t.strip() for t in rest.split(",")]
+    v = [_val(regs, t) for t in a[1:]]
+    if op in ("mov.b32", "mov.f32"):
+        regs[a[0]] = v[0]
+    elif op == "shl.b32":
+        regs[a[0]] = (v[0] << v[1]) & M32
+    elif op == "shr.u32":
+        regs[a[0]] = v[0] >> v[1]
+    elif op == "and.b32":
+        regs[a[0]] = v[0] & v[1]
+    elif op == "lop3.b32":
+        regs[a[0]] = _lop3(*v)
+    elif op == "fma.rn.f16x2":
+        regs[a[0]] = _f16x2(lambda p, q, r: p * q + r, *v)
+    elif op == "mul.rn.f16x2":
+        regs[a[0]] = _f16x2(lambda p, q: p * q, *v)
+    elif op == "add.rn.f16x2":
+        regs[a[0]] = _f16x2(lambda p, q: p + q, *v)
+    elif op == "cvt.f32.f16":
+        regs[a[0]] = f16(v[0])
+    elif op == "add.f32":
+        regs[a[0]] = float(np.float32(v[0]) + np.float32(v[1]))
+    else:
+        raise AssertionError(f"unexpected PTX op {op}")
+
+
+def _lines(text):
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if line and line not in "{}" and not line.startswith(".reg"):
+            yield line
+
+
 def run_ptx(text, regs):
     """Execute ``text`` (shl/shr/and/lop3/mov, fp16x2 fma/mul/add, cvt.f32.f16, add.f32) on the register dict
     ``regs`` (name -> int, e.g. {"$16": word}); returns it with every written register. ``mov.b32 {lo, hi}, r``
     splits r into two 16-bit halves. fp16x2 math is exact in float64, then rounded once to fp16, as the GPU does."""
     regs = dict(regs)
-
-    def val(tok):
-        tok = tok.strip()
-        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
-
-    for line in text.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        if op == "mov.b32" and rest.startswith("{"):
-            dst, src = rest.split("},")
-            lo, hi = (t.strip() for t in dst.strip("{ ").split(","))
-            v = val(src)
-            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
-            continue
-        a = [t.strip() for t in rest.split(",")]
-        if op == "mov.b32":
-            regs[a[0]] = val(a[1])
-        elif op == "shl.b32":
-            regs[a[0]] = (val(a[1]) << val(a[2])) & M32
-        elif op == "shr.u32":
-            regs[a[0]] = val(a[1]) >> val(a[2])
-        elif op == "and.b32":
-            regs[a[0]] = val(a[1]) & val(a[2])
-        elif op == "lop3.b32":
-            regs[a[0]] = _lop3(val(a[1]), val(a[2]), val(a[3]), val(a[4]))
-        elif op == "fma.rn.f16x2":
-            regs[a[0]] = _f16x2(lambda p, q, r: p * q + r, val(a[1]), val(a[2]), val(a[3]))
-        elif op == "mul.rn.f16x2":
-            regs[a[0]] = _f16x2(lambda p, q: p * q, val(a[1]), val(a[2]))
-        elif op == "add.rn.f16x2":
-            regs[a[0]] = _f16x2(lambda p, q: p + q, val(a[1]), val(a[2]))
-        elif op == "cvt.f32.f16":
-            regs[a[0]] = f16(val(a[1]))
-        elif op == "add.f32":
-            regs[a[0]] = float(np.float32(regs[a[1]]) + np.float32(regs[a[2]]))
-        else:
-            raise AssertionError(f"unexpected PTX op {op}")
+    for line in _lines(text):
+        _exec_line(line, regs)
     return regs
+
+
+def _mma_m16n8k16(line, lanes):
+    """``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {d}, {a}, {b}, {c}`` across the 32 lanes (PTX ISA
+    fragment layouts; lane 4 g + t): a0 = A[g][2t, 2t+1], a1 = A[g+8][..], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][..];
+    b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]; c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][..]. Products and sums in
+    float64, rounded once to fp32."""
+    groups = [[t.strip() for t in grp.strip(" {}").split(",")] for grp in line.split(None, 1)[1].split("},")]
+    d, a, b, c = groups
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    C = np.zeros((16, 8))
+    for lane, regs in enumerate(lanes):
+        g, t = divmod(lane, 4)
+        h = [[f16(_val(regs, r) & 0xFFFF), f16(_val(regs, r) >> 16)] for r in a]
+        A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = h[0], h[1]
+        A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = h[2], h[3]
+        hb = [[f16(_val(regs, r) & 0xFFFF), f16(_val(regs, r) >> 16)] for r in b]
+        B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = hb[0], hb[1]
+        cv = [_val(regs, r) for r in c]
+        C[g, 2 * t:2 * t + 2], C[g + 8, 2 * t:2 * t + 2] = cv[:2], cv[2:]
+    D = (A @ B + C).astype(np.float32)
+    for lane, regs in enumerate(lanes):
+        g, t = divmod(lane, 4)
+        for r, v in zip(d, (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])):
+            regs[r] = float(v)
+
+
+def run_ptx_warp(text, lanes):
+    """``run_ptx`` for the 32 lanes of a warp in lock step (``lanes``: 32 register dicts), with mma.sync m16n8k16
+    taking its fragments from every lane. Returns the 32 dicts."""
+    assert len(lanes) == 32
+    lanes = [dict(r) for r in lanes]
+    for line in _lines(text):
+        if line.startswith("mma.sync"):
+            _mma_m16n8k16(line, lanes)
+        else:
+            for regs in lanes:
+                _exec_line(line, regs)
+    return lanes
 
 
 def graph_replays_equal_eager(block, rnd, shapes, rounds=3, poison_slot=None):

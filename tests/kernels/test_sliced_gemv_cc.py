@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, tol  # noqa: E402
-from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_linear  # noqa: E402
+from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_gemv_mma, sliced_linear  # noqa: E402
 from mobiquant.kernels.sliced_gemv import split_count  # noqa: E402
 from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text, default_config_cc  # noqa: E402
 
@@ -179,7 +179,7 @@ def test_rejects_bad_arguments():
         sliced_gemv_cc(x[:1].bfloat16(), p, torch.ones(1, dtype=torch.int32, device=DEVICE))
 
 
-def test_dispatch_uses_v7_for_one_fp16_token_only():
+def test_dispatch_by_tokens_dtype_and_group():
     planes, s1, z1, _ = make_weight(200, 256, 128, 3, DEVICE)
     p = pack_slices(planes, s1, z1)
     x = torch.randn(1, 256).half().to(DEVICE)
@@ -189,7 +189,11 @@ def test_dispatch_uses_v7_for_one_fp16_token_only():
     assert torch.equal(sliced_linear(xb, p, k), sliced_gemv(xb, p, k))
     x2 = torch.randn(2, 256).half().to(DEVICE)
     k2 = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
-    assert torch.equal(sliced_linear(x2, p, k2), sliced_gemv(x2, p, k2))
+    assert torch.equal(sliced_linear(x2, p, k2), sliced_gemv_mma(x2, p, k2))  # 2..16 fp16 tokens: v9
+    assert torch.equal(sliced_linear(x2.bfloat16(), p, k2), sliced_gemv(x2.bfloat16(), p, k2))
+    planes64, s64, z64, _ = make_weight(200, 256, 64, 4, DEVICE)  # groups of 64: v5
+    p64 = pack_slices(planes64, s64, z64)
+    assert torch.equal(sliced_linear(x2, p64, k2), sliced_gemv(x2, p64, k2))
 
 
 # ------------------------------------------------------------------------------------------ the PTX, executed on CPU
