@@ -98,28 +98,29 @@ def asm_plane_text(tb: int) -> str:
 
     Operands: outputs o = 2 b + parity (block b, token 8 b + 2 t + parity) at $(2o) (row e0), $(2o + 1) (row e1);
     then words: chunk 2t of e0, e1 at $(4tb), $(4tb + 1), chunk 2t + 1 at $(4tb + 2), $(4tb + 3); then x pair j
-    (j < 8: chunk 2t, else chunk 2t + 1) of block b at $(4tb + 4 + 2 (16 b + j)) (twice, equal). mma step c of
-    chain A takes A = {qa[2c], qb[2c], qa[2c+1], qb[2c+1]} (fragment rows g = e0, g + 8 = e1) and B = {x pair 2c,
-    x pair 2c + 1}; chain B the same with chunk 2t + 1. D = Σ (o + r) x over the group, per (row, token)."""
+    (j < 8: chunk 2t, else chunk 2t + 1) of block b at $(4tb + 4 + 2 (16 b + j)) (twice, equal). One chain of 8 mma
+    per block: step c takes A = {qa[2c], qb[2c], qa[2c+1], qb[2c+1]} (fragment rows g = e0, g + 8 = e1) and
+    B = {x pair 2c, x pair 2c + 1} of chunk 2t, then the same with chunk 2t + 1 (two chains added at the end measured
+    3-13 % slower: ``benchmarks/experiments/ab_v9_chain.py``). D = Σ (o + r) x over the group, per (row, token)."""
     n_out = 4 * tb
     L = ["{", ".reg .b32 wl, wr;"]
     L += [".reg .b32 " + ", ".join(f"q{w}{j}" for j in range(8)) + ";" for w in "abcd"]
-    L += [".reg .f32 " + ", ".join(f"{c}{b}{i}" for c in "de" for i in range(4)) + ";" for b in range(tb)]
+    L += [".reg .f32 " + ", ".join(f"d{b}{i}" for i in range(4)) + ";" for b in range(tb)]
     for w, op in zip("abcd", range(4)):  # a: (e0, chunk 2t), b: (e1, 2t), c: (e0, 2t + 1), d: (e1, 2t + 1)
         L += plane_regs_ptx(f"${n_out + op}", f"q{w}")
     for b in range(tb):
-        L += [f"mov.f32 {c}{b}{i}, 0f00000000;" for c in "de" for i in range(4)]
+        L += [f"mov.f32 d{b}{i}, 0f00000000;" for i in range(4)]
         x0 = n_out + 4 + 32 * b
+        acc = f"{{d{b}0, d{b}1, d{b}2, d{b}3}}"
         for c in range(4):
-            for d, (r0, r1), xo in (("d", ("qa", "qb"), 0), ("e", ("qc", "qd"), 8)):
-                acc = f"{{{d}{b}0, {d}{b}1, {d}{b}2, {d}{b}3}}"
+            for (r0, r1), xo in ((("qa", "qb"), 0), (("qc", "qd"), 8)):
                 L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {acc}, "
                          f"{{{r0}{2 * c}, {r1}{2 * c}, {r0}{2 * c + 1}, {r1}{2 * c + 1}}}, "
                          f"{{${x0 + 2 * (xo + 2 * c)}, ${x0 + 2 * (xo + 2 * c + 1)}}}, {acc};")
         for par in range(2):  # D fragment: d0, d1 = row g, tokens 2t, 2t + 1; d2, d3 = row g + 8
             o = 2 * b + par
-            L.append(f"add.f32 ${2 * o}, d{b}{par}, e{b}{par};")
-            L.append(f"add.f32 ${2 * o + 1}, d{b}{2 + par}, e{b}{2 + par};")
+            L.append(f"mov.f32 ${2 * o}, d{b}{par};")
+            L.append(f"mov.f32 ${2 * o + 1}, d{b}{2 + par};")
     L.append("}")
     return "\n".join(L)
 
@@ -130,20 +131,20 @@ def asm_aux_text(tb: int) -> str:
     hold the offsets of the plane registers that step c feeds (OFF[2c], OFF[2c + 1]), rows g + 8 ones."""
     n_out = 4 * tb
     L = ["{", ".reg .b32 one, " + ", ".join(f"o{j}" for j in range(8)) + ";",
-         ".reg .f32 " + ", ".join(f"{c}{b}{i}" for b in range(tb) for c in "de" for i in range(4)) + ";",
+         ".reg .f32 " + ", ".join(f"d{b}{i}" for b in range(tb) for i in range(4)) + ";",
          f"mov.b32 one, {_h2(1.0)};"]
     L += [f"mov.b32 o{j}, {_h2(OFF[j])};" for j in range(8)]
     for b in range(tb):
-        L += [f"mov.f32 {c}{b}{i}, 0f00000000;" for c in "de" for i in range(4)]
+        L += [f"mov.f32 d{b}{i}, 0f00000000;" for i in range(4)]
         x0 = n_out + 16 * b
+        acc = f"{{d{b}0, d{b}1, d{b}2, d{b}3}}"
         for c in range(4):
-            for d, xo in (("d", 0), ("e", 8)):
-                acc = f"{{{d}{b}0, {d}{b}1, {d}{b}2, {d}{b}3}}"
+            for xo in (0, 8):
                 L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {acc}, "
                          f"{{o{2 * c}, one, o{2 * c + 1}, one}}, {{${x0 + xo + 2 * c}, ${x0 + xo + 2 * c + 1}}}, "
                          f"{acc};")
         for i in range(4):  # d0, d1: Off of tokens 2t, 2t + 1 (rows g); d2, d3: X (rows g + 8)
-            L.append(f"add.f32 ${4 * b + i}, d{b}{i}, e{b}{i};")
+            L.append(f"mov.f32 ${4 * b + i}, d{b}{i};")
     L.append("}")
     return "\n".join(L)
 
