@@ -103,6 +103,8 @@ def _exec_line(line, regs):
         regs[a[0]] = f16(v[0])
     elif op == "add.f32":
         regs[a[0]] = float(np.float32(v[0]) + np.float32(v[1]))
+    elif op == "mul.f32":
+        regs[a[0]] = float(np.float32(v[0]) * np.float32(v[1]))
     else:
         raise AssertionError(f"unexpected PTX op {op}")
 
@@ -115,7 +117,7 @@ def _lines(text):
 
 
 def run_ptx(text, regs):
-    """Execute ``text`` (shl/shr/and/lop3/mov, fp16x2 fma/mul/add, cvt.f32.f16, add.f32) on the register dict
+    """Execute ``text`` (shl/shr/and/lop3/mov, fp16x2 fma/mul/add, cvt.f32.f16, add/mul.f32) on the register dict
     ``regs`` (name -> int, e.g. {"$16": word}); returns it with every written register. ``mov.b32 {lo, hi}, r``
     splits r into two 16-bit halves. fp16x2 math is exact in float64, then rounded once to fp16, as the GPU does."""
     regs = dict(regs)

@@ -14,10 +14,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, tol  # noqa: E402
+from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, run_ptx_warp, tol  # noqa: E402
 from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_gemv_mma, sliced_linear  # noqa: E402
 from mobiquant.kernels.sliced_gemv import split_count  # noqa: E402
-from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_xsum_text, default_config_cc  # noqa: E402
+from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_mma_text, asm_xsum_text, default_config_cc  # noqa: E402
 
 _SEED = iter(range(40_000, 50_000))
 
@@ -255,6 +255,35 @@ def test_ptx_xsum():
         assert abs(X - x16.astype(np.float64).sum() / 16) <= 2e-3 * np.abs(x16.astype(np.float64)).sum() / 16
     x16 = np.full(16, 65504.0, dtype=np.float16)
     assert np.isfinite(run_word_ptx(asm_xsum_text(), _pairs(x16)))
+
+
+@pytest.mark.parametrize("ks", [1, 2, 3, 4])
+def test_ptx_mma_on_a_warp(ks):
+    """The tensor-core path's PTX on all 32 lanes (mma.sync fragments emulated, q registers converted with fp16
+    rounding): the four lanes of row g's quad return quarters that add up to Σ q x over the group, for rows g and
+    g + 8 of the fragment."""
+    rng = np.random.default_rng(10 + ks)
+    words = rng.integers(0, 2**32, (ks, 16, 8))  # plane, row, chunk
+    x = (rng.standard_normal(128) * 3.0).astype(np.float16)
+    lanes = []
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        r = {}
+        for e in range(ks):
+            for i, (row, ch) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t + 1)]):
+                r[f"${2 + 4 * e + i}"] = int(words[e, row, ch])
+        for j in range(16):
+            pos = 16 * (2 * t + j // 8) + 2 * (j % 8)
+            r[f"${2 + 4 * ks + 2 * j}"] = r[f"${3 + 4 * ks + 2 * j}"] = _pairs(
+                np.concatenate([x[pos:pos + 2], np.zeros(14, np.float16)]))[0]
+        lanes.append(r)
+    out = run_ptx_warp(asm_mma_text(ks), lanes)
+    xf = x.astype(np.float64)
+    for row in range(16):
+        q = np.concatenate([_q([int(words[e, row, ch]) for e in range(ks)], ks) for ch in range(8)])
+        g, reg = row % 8, "$0" if row < 8 else "$1"
+        got = sum(out[4 * g + t][reg] for t in range(4))
+        assert abs(got - float((q * xf).sum())) <= 1e-6 * float((np.abs(q) * np.abs(xf)).sum()), (ks, row)
 
 
 def test_h2_constants_are_fp16():
