@@ -14,8 +14,9 @@ import os
 import time
 from pathlib import Path
 
-base = importlib.import_module("mobiquant.kernels.sliced_gemv_mma")  # the module (the package exports the function)
 import torch
+
+base = importlib.import_module("mobiquant.kernels.sliced_gemv_mma")  # the module (the package exports the function)
 
 spec = importlib.util.spec_from_file_location("kbench", Path(__file__).parents[1] / "kernels.py")
 KB = importlib.util.module_from_spec(spec)
