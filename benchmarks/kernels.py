@@ -3,6 +3,7 @@
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py                 # full run: check, decode stack, prefill, JSON
     python benchmarks/kernels.py --layers 4 --quick                 # smoke: fewer layers, fewer variants
     python benchmarks/kernels.py --tune --out kernels/configs/h100.json   # sweep launch configs per shape
+    python benchmarks/kernels.py --tune-mma --out kernels/configs/h100.json   # v9 configs per shape and batch
     python benchmarks/kernels.py --profile-one                      # one launch per k, for ncu instruction counts
     python benchmarks/kernels.py --sweep-cc --layers 4              # v7: checks, config sweep, 4-layer stack v5/v7
     ncu -k regex:cc_kernel python benchmarks/kernels.py --profile-cc   # v7 gate-shaped launches at k=1 and k=4
@@ -296,6 +297,37 @@ def prefill(layers, results, M=2048, n_layers=2):
                                        vs_cublas=t16 / t, vs_cublas_per_slice_token=mk * t16 / t))
         log(f"   sliced k={label:<6s} {t:8.3f} ms  {flops / t / 1e9:6.1f} TFLOP/s  {100 * t16 / t:5.1f} % of cuBLAS, "
             f"{100 * mk * t16 / t:5.1f} % per slice-token (mean k {mk:.2f})")
+
+
+def tune_mma(layer, out_path, batches=(2, 4, 8, 16)):
+    """Sweep v9 (sliced_gemv_mma) configs per shape and batch bucket: the fastest by the sum of its times at uniform
+    k = 2 and k = 4 (a mixed batch costs what its largest k costs). Updates the ``sliced_gemv_mma`` keys of out_path."""
+    from mobiquant.kernels.tuning import key
+
+    table = json.loads(Path(out_path).read_text()) if Path(out_path).exists() else {}
+    for name, (N, K) in SHAPES.items():
+        if name in ("v", "up", "o"):  # same shapes as k, gate, q
+            continue
+        p = layer[name]["ours"]
+        for M in batches:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            best = None
+            for bn, nw in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)):
+                for sk in (1, 2, 4, 8, 16):
+                    if sk > K // GROUP or (N // bn) * sk > 4096 or (sk == 1 and N // bn < 66):
+                        continue
+                    cfg = dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=nw, PF=1, PDL=1)
+                    us = 0.0
+                    for kk in (2, 4):
+                        k = torch.full((M,), kk, dtype=torch.int32, device="cuda")
+                        us += 1e3 * time_graph(lambda: sliced_gemv_mma(x, p, k, out=y, config=cfg), reps=5, inner=20)
+                    if best is None or us < best[0]:
+                        best = (us, cfg)
+            table[key("sliced_gemv_mma", M, N, K)] = best[1]
+            log(f"   mma {name} M={M}: {best[1]} k2 + k4 {best[0]:.1f} us")
+    Path(out_path).write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+    log(f"wrote {out_path}")
 
 
 def tune(layer, out_path, batches=(1, 4, 16)):
@@ -592,6 +624,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-mma", action="store_true", help="v9 configs per shape and batch into --out")
     ap.add_argument("--profile-one", action="store_true")
     ap.add_argument("--profile-cc", action="store_true")
     ap.add_argument("--no-int4", action="store_true")
@@ -619,8 +652,8 @@ def main():
     bw = copy_bandwidth()
     results["copy_bw_GBps"] = bw / 1e9
     log(f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
-    n = 1 if (a.tune or a.sweep) else a.layers
-    slim = a.tune or a.sweep or a.sweep_cc or a.sweep_multi
+    n = 1 if (a.tune or a.tune_mma or a.sweep) else a.layers
+    slim = a.tune or a.tune_mma or a.sweep or a.sweep_cc or a.sweep_multi
     layers = []
     for i in range(n):
         L = {}
@@ -641,6 +674,8 @@ def main():
     log(f"built {n} layers")
     if a.tune:
         return tune(layers[0], a.out)
+    if a.tune_mma:
+        return tune_mma(layers[0], a.out)
     if a.sweep:
         return sweep(layers[0])
     if a.sweep_multi:
