@@ -225,35 +225,27 @@ def decode_stack(layers, results, batches, bw, quick=False):
             kcases = [[1] * M, [2] * M, [4] * M] + ([mixed_k(M, 3)] if M > 1 else [])
         for kv in kcases:
             k = torch.tensor(kv, dtype=torch.int32, device="cuda")
-            def run_ours():
-                for L in layers:
-                    for name, (N, K) in SHAPES.items():
-                        sliced_gemv(xin[K], L[name]["ours"], k, out=outs[name])
-            ms = time_graph(run_ours)
             kmax = max(kv)
             b = stack_bytes("ours", kmax) * len(layers)
             label = str(kv[0]) if len(set(kv)) == 1 else "mixed" + str(kv)
-            rows.append(dict(kernel="sliced_gemv", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms, bytes=b,
-                             pct_copy_bw=100 * b / (ms * 1e-3) / bw))
-            log(f"   M={M:2d} sliced k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+
+            def each_linear(fn):
+                def run():
+                    for L in layers:
+                        for name, (N, K) in SHAPES.items():
+                            fn(xin[K], L[name]["ours"], k, out=outs[name])
+                return run
+
+            def add_row(kernel, tag, ms):
+                rows.append(dict(kernel=kernel, M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms, bytes=b,
+                                 pct_copy_bw=100 * b / (ms * 1e-3) / bw))
+                log(f"   M={M:2d} {tag} k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+
+            add_row("sliced_gemv", "sliced", time_graph(each_linear(sliced_gemv)))
             if M > 1:  # v9, the kernel dispatch uses for 2..16 fp16 tokens (tuned configs)
-                def run_mma():
-                    for L in layers:
-                        for name, (N, K) in SHAPES.items():
-                            sliced_gemv_mma(xin[K], L[name]["ours"], k, out=outs[name])
-                ms = time_graph(run_mma)
-                rows.append(dict(kernel="sliced_gemv_mma", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms,
-                                 bytes=b, pct_copy_bw=100 * b / (ms * 1e-3) / bw))
-                log(f"   M={M:2d} v9 mma k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
-            if M == 1:  # v7, the kernel dispatch uses at batch 1 (tuned configs in kernels/configs/h100.json)
-                def run_cc():
-                    for L in layers:
-                        for name, (N, K) in SHAPES.items():
-                            sliced_gemv_cc(xin[K], L[name]["ours"], k, out=outs[name])
-                ms = time_graph(run_cc)
-                rows.append(dict(kernel="sliced_gemv_cc", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms,
-                                 bytes=b, pct_copy_bw=100 * b / (ms * 1e-3) / bw))
-                log(f"   M={M:2d} v7 cc  k={label:<12s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+                add_row("sliced_gemv_mma", "v9 mma", time_graph(each_linear(sliced_gemv_mma)))
+            if M == 1:  # v7 + v8, the kernel dispatch uses at batch 1 (tuned configs in kernels/configs/h100.json)
+                add_row("sliced_gemv_cc", "v7 cc ", time_graph(each_linear(sliced_gemv_cc)))
                 # the same weights as the decode engine launches them: q/k/v one launch, gate/up one launch
                 # (4 launches per layer instead of 7; same bytes, same arithmetic)
                 k3, k2 = k.view(1, 1).expand(1, 3).contiguous(), k.view(1, 1).expand(1, 2).contiguous()
@@ -265,10 +257,7 @@ def decode_stack(layers, results, batches, bw, quick=False):
                         sliced_gemv_cc(xin[4096], L["o"]["ours"], k, out=outs["o"])
                         sliced_gemv_cc(xin[4096], [L["gate"]["ours"], L["up"]["ours"]], k2, out=y_gu)
                         sliced_gemv_cc(xin[14336], L["down"]["ours"], k, out=outs["down"])
-                ms = time_graph(run_fused)
-                rows.append(dict(kernel="sliced_gemv_cc_fused", M=M, k=label, kmax=kmax, mean_k=sum(kv) / M, ms=ms,
-                                 bytes=b, pct_copy_bw=100 * b / (ms * 1e-3) / bw))
-                log(f"   M={M:2d} v7 cc fused qkv/gu k={label:<5s} {ms:7.3f} ms  {rows[-1]['pct_copy_bw']:5.1f} %")
+                add_row("sliced_gemv_cc_fused", "v7 cc fused qkv/gu", time_graph(run_fused))
 
 
 def prefill(layers, results, M=2048, n_layers=2):

@@ -61,16 +61,14 @@ from .sliced_gemv_cc import (
     ASM_GDC_LAUNCH,
     ASM_GDC_WAIT,
     ASM_L2PF,
-    ASM_LDSZ,
     ASM_LDX16,
-    I32X2,
     I32X16,
     L2PF_CONS,
-    LDSZ_CONS,
     _f16_bits_to_f32,
     _h2,
     _has_pdl,
-    _ldw2,
+    _load_sz_mma,
+    _load_words_mma,
 )
 from .tuning import lookup
 
@@ -178,32 +176,6 @@ def _load_x16(xp, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_sz(sp, zp, USE_ASM: tl.constexpr):
-    """s_1, z_1 of one group as fp16 bits in int32 (converted where they are used)."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(ASM_LDSZ, LDSZ_CONS, [sp.to(tl.int64, bitcast=True),
-                                                               zp.to(tl.int64, bitcast=True)],
-                                         dtype=I32X2, is_pure=True, pack=1)
-    return (tl.load(sp).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF,
-            tl.load(zp).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-
-
-@triton.jit
-def _load_planes(wp, plane_stride, KS: tl.constexpr, USE_ASM: tl.constexpr):
-    """Words 2t, 2t + 1 of the group at wp, planes 1..KS (unused planes repeat plane 1)."""
-    a0, b0 = _ldw2(wp, USE_ASM)
-    a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
-    if KS > 1:
-        a1, b1 = _ldw2(wp + plane_stride, USE_ASM)
-    if KS > 2:
-        a2, b2 = _ldw2(wp + 2 * plane_stride, USE_ASM)
-    if KS > 3:
-        a3, b3 = _ldw2(wp + 3 * plane_stride, USE_ASM)
-    return a0, b0, a1, b1, a2, b2, a3, b3
-
-
-
-@triton.jit
 def _xsum_ref(x_ptr, stride_x, g, tok):
     """Interpreter: X = Σ_group x of tokens tok (1, 1, 4), fp32."""
     pos = tl.arange(0, _GROUP)[None, None, None, :]
@@ -307,17 +279,17 @@ def _mma9_loop(w_rowt, w_row, xb0, xb1, s_row, z_row, g_lo, g_hi, N, plane_strid
     f2_2, f3_2, f4_2, F_2, c_2 = fk2
     f2_3, f3_3, f4_3, F_3, c_3 = fk3
     if PF:
-        v = _load_planes(w_rowt + g_lo * 8, plane_stride, KS, USE_ASM)
-        sv, zv = _load_sz(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
+        v = _load_words_mma(w_rowt + g_lo * 8, plane_stride, KS, USE_ASM)
+        sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
     for g in range(g_lo, g_hi):
         if PF:  # this group's words, s and z were issued one step ahead; the next group's now (past the end: the
             w, s, z = v, sv, zv  # last group again, a valid address)
             gn = tl.minimum(g + 1, g_hi - 1)
-            v = _load_planes(w_rowt + gn * 8, plane_stride, KS, USE_ASM)
-            sv, zv = _load_sz(s_row + gn * N, z_row + gn * N, USE_ASM)
+            v = _load_words_mma(w_rowt + gn * 8, plane_stride, KS, USE_ASM)
+            sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, USE_ASM)
         else:
-            w = _load_planes(w_rowt + g * 8, plane_stride, KS, USE_ASM)
-            s, z = _load_sz(s_row + g * N, z_row + g * N, USE_ASM)
+            w = _load_words_mma(w_rowt + g * 8, plane_stride, KS, USE_ASM)
+            s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
         a0, b0, a1, b1, a2, b2, a3, b3 = w
         if USE_ASM:
             xs0 = _load_x16(xb0 + g * 64, USE_ASM)

@@ -166,6 +166,36 @@ def run_ptx_warp(text, lanes):
     return lanes
 
 
+def pdl_chain_in_graph_equals_eager(fn, kv, cfg, links=6, N=4096):
+    """Six (``links``) square (N, N) sliced linears chained output to input, each launched by ``fn(x, packed, k,
+    out=, config=)``: the chain launched with PDL (programmatic dependent launch) and captured in a CUDA graph, outputs
+    NaN-poisoned before the replay, must equal the chain launched eagerly without PDL, bit for bit."""
+    planes, s1, z1, _ = make_weight(N, N, 128, 11, DEVICE, 0.02)
+    from mobiquant.kernels import pack_slices
+
+    p = pack_slices(planes, s1, z1)
+    k = torch.tensor(kv, dtype=torch.int32, device=DEVICE)
+    M = len(kv)
+    bufs = [torch.randn(M, N, device=DEVICE).half()] + [torch.empty(M, N, device=DEVICE).half() for _ in range(links)]
+
+    def chain(c):
+        for i in range(links):
+            fn(bufs[i], p, k, out=bufs[i + 1], config=c)
+
+    chain(dict(cfg, PDL=0))
+    ref = bufs[-1].clone()
+    chain(dict(cfg, PDL=1))  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        chain(dict(cfg, PDL=1))
+    for b in bufs[1:]:
+        b.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(ref).all()
+    assert torch.equal(bufs[-1], ref)
+
+
 def graph_replays_equal_eager(block, rnd, shapes, rounds=3, poison_slot=None):
     """Capture ``block(h0, r0, kc, vc, True)`` (one decode block's launches) in a CUDA graph, then at each of
     ``rounds`` replays on fresh inputs (every output, and the cache slot ``poison_slot`` if given, poisoned first)

@@ -14,7 +14,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_helpers import DEVICE, M32, make_weight, reference, run_ptx, run_ptx_warp, tol  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    DEVICE,
+    M32,
+    make_weight,
+    pdl_chain_in_graph_equals_eager,
+    reference,
+    run_ptx,
+    run_ptx_warp,
+    tol,
+)
 from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_cc, sliced_gemv_mma, sliced_linear  # noqa: E402
 from mobiquant.kernels.sliced_gemv import split_count  # noqa: E402
 from mobiquant.kernels.sliced_gemv_cc import _h2, asm_cc_text, asm_mma_text, asm_xsum_text, default_config_cc  # noqa: E402
@@ -341,24 +350,4 @@ def test_gpu_large_magnitude_no_inf():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("extra", [dict(PF=1), dict(PF=2)])
 def test_gpu_pdl_chain_in_graph_equals_eager(extra):
-    planes, s1, z1, _ = make_weight(4096, 4096, 128, 11, DEVICE, 0.02)
-    p = pack_slices(planes, s1, z1)
-    k = torch.tensor([2], dtype=torch.int32, device=DEVICE)
-    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, num_stages=1, **extra)
-    bufs = [torch.randn(1, 4096, device=DEVICE).half()] + [torch.empty(1, 4096, device=DEVICE).half() for _ in range(6)]
-
-    def chain(c):
-        for i in range(6):
-            sliced_gemv_cc(bufs[i], p, k, out=bufs[i + 1], config=c)
-
-    chain(cfg)
-    ref = bufs[-1].clone()
-    chain(dict(cfg, PDL=1))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        chain(dict(cfg, PDL=1))
-    for b in bufs[1:]:
-        b.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(bufs[-1], ref)
+    pdl_chain_in_graph_equals_eager(sliced_gemv_cc, [2], dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, **extra))

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_helpers import DEVICE, make_weight, reference, run_ptx_warp, tol  # noqa: E402
+from kernel_helpers import DEVICE, make_weight, pdl_chain_in_graph_equals_eager, reference, run_ptx_warp, tol  # noqa: E402
 from mobiquant.kernels import pack_slices  # noqa: E402
 from mobiquant.kernels.sliced_gemv_mma import OFF, asm_aux_text, asm_plane_text, plane_regs_ptx, sliced_gemv_mma  # noqa: E402
 
@@ -183,25 +183,4 @@ def test_gpu_configs_and_large_magnitude(config):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_pdl_chain_in_graph_equals_eager():
-    planes, s1, z1, _ = make_weight(4096, 4096, 128, 11, DEVICE, 0.02)
-    p = pack_slices(planes, s1, z1)
-    k = torch.tensor([2, 1, 4, 3], dtype=torch.int32, device=DEVICE)
-    cfg = dict(BLOCK_N=64, SPLIT_K=8, num_warps=4, PF=1)
-    bufs = [torch.randn(4, 4096, device=DEVICE).half()] + [torch.empty(4, 4096, device=DEVICE).half()
-                                                           for _ in range(6)]
-
-    def chain(c):
-        for i in range(6):
-            sliced_gemv_mma(bufs[i], p, k, out=bufs[i + 1], config=c)
-
-    chain(dict(cfg, PDL=0))
-    ref = bufs[-1].clone()
-    chain(dict(cfg, PDL=1))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        chain(dict(cfg, PDL=1))
-    for b in bufs[1:]:
-        b.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(bufs[-1], ref)
+    pdl_chain_in_graph_equals_eager(sliced_gemv_mma, [2, 1, 4, 3], dict(BLOCK_N=64, SPLIT_K=8, num_warps=4, PF=1))
