@@ -24,7 +24,7 @@ of an fp16 whose exponent is o_j = 2^(10 - p_j) in {64, 16, 4}, so the register 
 The offsets are taken out after the products: the mma gives D_j = Σ (o + r_j) x = Off_t + R_j, where
 Off_t = Σ o x_t is the same for every row and plane; one more mma per step with a constant A (rows g: the offsets,
 rows g + 8: ones) gives Off_t and X_t for the lane's own output columns (no shuffles). Products are exact (fp16 x
-fp16 in fp32) and sums fp32; with |o| <= 64 the cancellation Off_t - Off_t loses about 2^-24 x 64 of Σ |x|.
+fp16 in fp32) and sums fp32; with |o| <= 64 the cancellation (Off_t + R_j) - Off_t costs about 2^-24 x 64 Σ |x|.
 
 The tile is (R, 8, 4) in Triton's default layout (lanes [1, 8, 4], warps along R): lane 4 g + t holds rows
 8 r + g (r = its rows of the tile) and the words 2t, 2t + 1 of each group (8-byte loads), which is mma.sync's A
