@@ -162,23 +162,19 @@ def run_checks(layers, results):
                                               norm_rel=rel, finite=fin, ok=ok))
                 if not ok:
                     log(f"FAIL gemv {name} {dtype} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
-            if dtype == torch.float16:  # v7 (CUDA cores, fp16 only): batch 1 every k, 4 tokens mixed
-                for M, kv in [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]:
-                    mx, rel, fin = check(p, M, kv, dtype, fn=sliced_gemv_cc)
-                    worst = max(worst, rel)
-                    ok = fin and mx < 2e-3
-                    results["checks"].append(dict(kernel="gemv_cc", shape=name, dtype=str(dtype), M=M, k=kv,
-                                                  max_rel=mx, norm_rel=rel, finite=fin, ok=ok))
-                    if not ok:
-                        log(f"FAIL gemv_cc {name} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
-                for M, kv in [(2, [1, 4]), (4, [2] * 4), (4, mixed_k(4)), (8, mixed_k(8, 4)), (16, mixed_k(16, 1))]:
-                    mx, rel, fin = check(p, M, kv, dtype, fn=sliced_gemv_mma)  # v9: 2..16 fp16 tokens
-                    worst = max(worst, rel)
-                    ok = fin and mx < 2e-3
-                    results["checks"].append(dict(kernel="gemv_mma", shape=name, dtype=str(dtype), M=M, k=kv,
-                                                  max_rel=mx, norm_rel=rel, finite=fin, ok=ok))
-                    if not ok:
-                        log(f"FAIL gemv_mma {name} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
+            if dtype == torch.float16:  # fp16-only kernels: v7 + v8 (batch 1 every k, 4 tokens mixed), v9 (2..16)
+                fp16_cases = [("gemv_cc", sliced_gemv_cc, [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]),
+                              ("gemv_mma", sliced_gemv_mma, [(2, [1, 4]), (4, [2] * 4), (4, mixed_k(4)),
+                                                             (8, mixed_k(8, 4)), (16, mixed_k(16, 1))])]
+                for kname, fn, cases16 in fp16_cases:
+                    for M, kv in cases16:
+                        mx, rel, fin = check(p, M, kv, dtype, fn=fn)
+                        worst = max(worst, rel)
+                        ok = fin and mx < 2e-3
+                        results["checks"].append(dict(kernel=kname, shape=name, dtype=str(dtype), M=M, k=kv,
+                                                      max_rel=mx, norm_rel=rel, finite=fin, ok=ok))
+                        if not ok:
+                            log(f"FAIL {kname} {name} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
             M = 300
             mx, rel, fin = check(p, M, mixed_k(M, 2), dtype, fn=sliced_gemm)
             ok = fin and mx < (2e-3 if dtype == torch.float16 else 1.6e-2)
