@@ -1,4 +1,3 @@
-# ruff: noqa: B007, B023  (the timed closures run inside the loop that defines them)
 """A/B on the H100: v8 (batch-1 tensor-core path of sliced_gemv_cc) as committed, two mma chains of 4 per group
 (chunks 2t and 2t + 1, added at the end), against one chain of 8 (what v9 measured faster at 4-16 tokens): the fused
 32-layer decode stack at k = 1..4, alternating, 3 rounds. The variant is derived from the committed source by text
@@ -17,9 +16,10 @@ from pathlib import Path
 import torch
 
 base = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")  # the module (the package exports the function)
-spec = importlib.util.spec_from_file_location("kbench", Path(__file__).parents[1] / "kernels.py")
-KB = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(KB)
+spec = importlib.util.spec_from_file_location("fused_stack", Path(__file__).with_name("_fused_stack.py"))
+FS = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(FS)
+KB = FS.KB
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 
@@ -40,35 +40,14 @@ def main():
     v1 = one_chain_module()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC"),
                rows=[], checks=[])
-    torch.manual_seed(0)
-    layers = [{n: KB.quantize_layer(torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02)
-               for n, (N, K) in KB.SHAPES.items()} for _ in range(32)]
+    layers = FS.quantized_layers()
     for n in ("q", "gate", "down"):
         for kk in (1, 2, 3, 4):
             mx, rel, fin = KB.check(layers[0][n], 1, [kk], torch.float16, fn=v1.sliced_gemv_cc)
             res["checks"].append(dict(shape=n, k=kk, max_rel=mx, norm_rel=rel, finite=fin))
             print(f"check one-chain {n:5s} k={kk} max {mx:.2e} finite {fin}", flush=True)
-    xin = {K: torch.randn(1, K, device="cuda", dtype=torch.float16) for K in (4096, 14336)}
-    o = torch.empty(1, 4096, device="cuda", dtype=torch.float16)
-    d = torch.empty(1, 4096, device="cuda", dtype=torch.float16)
-    y_qkv = torch.empty(1, 6144, device="cuda", dtype=torch.float16)
-    y_gu = torch.empty(1, 28672, device="cuda", dtype=torch.float16)
-    for kk in (1, 2, 3, 4):
-        k = torch.tensor([kk], dtype=torch.int32, device="cuda")
-        k3, k2 = k.view(1, 1).expand(1, 3).contiguous(), k.view(1, 1).expand(1, 2).contiguous()
-        t = {}
-        for rep in range(3):
-            for name, mod in (("two chains", base), ("one chain", v1)):
-                def run():
-                    for L in layers:
-                        mod.sliced_gemv_cc(xin[4096], [L[n] for n in ("q", "k", "v")], k3, out=y_qkv)
-                        mod.sliced_gemv_cc(xin[4096], L["o"], k, out=o)
-                        mod.sliced_gemv_cc(xin[4096], [L["gate"], L["up"]], k2, out=y_gu)
-                        mod.sliced_gemv_cc(xin[14336], L["down"], k, out=d)
-                t.setdefault(name, []).append(KB.time_graph(run))
-        for name, v in t.items():
-            res["rows"].append(dict(variant=name, k=kk, ms=min(v), runs=v))
-            print(f"fused stack k={kk} {name:10s}: {min(v):.3f} ms  {[round(x, 3) for x in v]}", flush=True)
+    res["rows"] = FS.time_fused_stack({"two chains": (base.sliced_gemv_cc, None),
+                                       "one chain": (v1.sliced_gemv_cc, None)}, layers)
     (OUT / "v8_chain_ab_h100.json").write_text(json.dumps(res, indent=1))
 
 
