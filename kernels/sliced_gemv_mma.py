@@ -253,6 +253,12 @@ def _plane(wa, wb, xs0, xs1, w_row, off, x_ptr, stride_x, g, tk0, tk1, tk2, tk3,
 
 
 @triton.jit
+def _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f0, f1, f2, f3):
+    """P_o + f_o D_o: one plane's products weighed by each output's token factor f_j(t) (0 below the token's k)."""
+    return P0 + f0 * D0, P1 + f1 * D1, P2 + f2 * D2, P3 + f3 * D3
+
+
+@triton.jit
 def _token_consts(k_ptr, tok, M, E: tl.constexpr):
     """Per output token tok (1, 1, 4): (f_2, f_3, f_4, F = Σ_j f_j, c = 2^-(2k-1)) fp32, k clamped to 1..E."""
     kk = tl.minimum(tl.maximum(tl.load(k_ptr + tl.minimum(tok, M - 1)), 1), E)
@@ -304,24 +310,15 @@ def _mma9_loop(w_rowt, w_row, xb0, xb1, s_row, z_row, g_lo, g_hi, N, plane_strid
         if KS > 1:
             D0, D1, D2, D3 = _plane(a1, b1, xs0, xs1, w_row, plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2, tk3,
                                     TB, USE_ASM)
-            P0 += f2_0 * D0
-            P1 += f2_1 * D1
-            P2 += f2_2 * D2
-            P3 += f2_3 * D3
+            P0, P1, P2, P3 = _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f2_0, f2_1, f2_2, f2_3)
         if KS > 2:
             D0, D1, D2, D3 = _plane(a2, b2, xs0, xs1, w_row, 2 * plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2,
                                     tk3, TB, USE_ASM)
-            P0 += f3_0 * D0
-            P1 += f3_1 * D1
-            P2 += f3_2 * D2
-            P3 += f3_3 * D3
+            P0, P1, P2, P3 = _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f3_0, f3_1, f3_2, f3_3)
         if KS > 3:
             D0, D1, D2, D3 = _plane(a3, b3, xs0, xs1, w_row, 3 * plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2,
                                     tk3, TB, USE_ASM)
-            P0 += f4_0 * D0
-            P1 += f4_1 * D1
-            P2 += f4_2 * D2
-            P3 += f4_3 * D3
+            P0, P1, P2, P3 = _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f4_0, f4_1, f4_2, f4_3)
         sf = _f16_bits_to_f32(s, USE_ASM)  # (R, 8, 1)
         sz = sf * _f16_bits_to_f32(z, USE_ASM)
         acc0 += sf * (P0 + (c_0 * X0 - F_0 * O0)) - sz * X0
