@@ -183,6 +183,15 @@ def sliced_gemv(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: tor
     return y
 
 
+def fill_split_k(programs: int, G: int, target: int = 448) -> int:
+    """The decode kernels' default split-K: doubled until ``programs`` x split-K reaches ``target`` (about 3 waves
+    of 132 SMs), keeping at least 2 groups per split."""
+    sk = 1
+    while programs * sk < target and G // (2 * sk) >= 2:
+        sk *= 2
+    return sk
+
+
 def split_count(G: int, split_k: int) -> int:
     """The split-K actually launched for G groups: at most ``split_k``, and every split gets at least one group.
 

@@ -79,7 +79,7 @@ import triton.language as tl
 from ._tile import load_planes, merge_planes_ptx
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
-from .sliced_gemv import _check_args, _scratch, split_count
+from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
 from .tuning import lookup
 
 MAX_TOKENS_CC = 4
@@ -692,11 +692,7 @@ def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
     next iteration's words, scales and zero points prefetched, split-K until >= 448 programs (each split >= 2
     groups). Launch configuration hardly mattered in the sweep (within ~10 % across tiles, splits and registers)."""
     bn = 128
-    tiles = triton.cdiv(N, bn) * M
-    G = K // group_size
-    sk = 1
-    while tiles * sk < 448 and G // (2 * sk) >= 2:
-        sk *= 2
+    sk = fill_split_k(triton.cdiv(N, bn) * M, K // group_size)
     return dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=1, PDL=1)
 
 

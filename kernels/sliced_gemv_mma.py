@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .layout import PackedSlices
-from .sliced_gemv import _check_args, _scratch, split_count
+from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
 from .sliced_gemv_cc import (
     ASM_GDC_LAUNCH,
     ASM_GDC_WAIT,
@@ -259,9 +259,10 @@ def _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f0, f1, f2, f3):
 
 
 @triton.jit
-def _token_consts(k_ptr, tok, M, E: tl.constexpr):
-    """Per output token tok (1, 1, 4): (f_2, f_3, f_4, F = Σ_j f_j, c = 2^-(2k-1)) fp32, k clamped to 1..E."""
-    kk = tl.minimum(tl.maximum(tl.load(k_ptr + tl.minimum(tok, M - 1)), 1), E)
+def _token_consts(k_ptr, tok, E: tl.constexpr):
+    """Per output token tok (1, 1, 4), a valid index: (f_2, f_3, f_4, F = Σ_j f_j, c = 2^-(2k-1)) fp32, k clamped
+    to 1..E."""
+    kk = tl.minimum(tl.maximum(tl.load(k_ptr + tok), 1), E)
     f2 = tl.where(kk >= 2, 0.25, 0.0)
     f3 = tl.where(kk >= 3, 0.0625, 0.0)
     f4 = tl.where(kk >= 4, 0.015625, 0.0)
@@ -396,14 +397,13 @@ def _sliced_gemv_mma_kernel(
     tc1 = tl.minimum(tk1, M - 1)
     tc2 = tl.minimum(tk2, M - 1)
     tc3 = tl.minimum(tk3, M - 1)
-    fk0 = _token_consts(k_ptr, tk0, M, E)
-    fk1 = _token_consts(k_ptr, tk1, M, E)
-    fk2 = _token_consts(k_ptr, tk2, M, E)
-    fk3 = _token_consts(k_ptr, tk3, M, E)
+    fk0 = _token_consts(k_ptr, tc0, E)
+    fk1 = _token_consts(k_ptr, tc1, E)
+    fk2 = _token_consts(k_ptr, tc2, E)
+    fk3 = _token_consts(k_ptr, tc3, E)
     i_m = tl.arange(0, 16)
     kmax = tl.max(tl.minimum(tl.maximum(tl.load(k_ptr + i_m, mask=i_m < M, other=1), 1), E), axis=0)
-    R0: tl.constexpr = BLOCK_N // 8
-    acc0 = tl.zeros((R0, 8, 4), tl.float32)
+    acc0 = tl.zeros((R, 8, 4), tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
     if kmax == 1:
         acc0, acc1, acc2, acc3 = _mma9_loop(w_rowt, w_row, xb0, xb1, s_row, z_row, g_lo, g_hi, N, plane_stride,
@@ -446,12 +446,7 @@ def default_config_mma(M: int, N: int, K: int) -> dict:
     """Heuristic when no tuned entry exists: BLOCK_N 64 on 4 warps (one pack = 2 instance per lane), split-K until
     >= 448 programs with >= 2 groups per split, next group prefetched."""
     bn = 64
-    tiles = triton.cdiv(N, bn)
-    G = K // GROUP_MMA
-    sk = 1
-    while tiles * sk < 448 and G // (2 * sk) >= 2:
-        sk *= 2
-    return dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=4, PF=1, PDL=1)
+    return dict(BLOCK_N=bn, SPLIT_K=fill_split_k(triton.cdiv(N, bn), K // GROUP_MMA), num_warps=4, PF=1, PDL=1)
 
 
 def sliced_gemv_mma(x: torch.Tensor, packed: PackedSlices, k: torch.Tensor, out: torch.Tensor | None = None,

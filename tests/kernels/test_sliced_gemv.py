@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, make_weight, reference, tol  # noqa: E402
 from mobiquant.kernels import pack_slices, sliced_gemv, sliced_gemv_ref  # noqa: E402
+from mobiquant.kernels.sliced_gemv import fill_split_k  # noqa: E402
 
 _SEED = iter(range(10_000, 20_000))
 
@@ -54,6 +55,11 @@ def test_sixteen_tokens(kv):
 ])
 def test_split_k_and_variants(config):
     run_case(130, 640, 128, [1, 3, 4], torch.float16, config)  # 5 groups: uneven splits, odd group pairs
+
+
+@pytest.mark.parametrize("programs,G,sk", [(64, 32, 8), (512, 32, 1), (32, 4, 2), (1, 3, 1), (100, 112, 8)])
+def test_default_split_k_fills_the_gpu_with_two_groups_per_split(programs, G, sk):
+    assert fill_split_k(programs, G) == sk
 
 
 def test_group_64():

@@ -13,7 +13,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_helpers import DEVICE, make_weight, pdl_chain_in_graph_equals_eager, reference, run_ptx_warp, tol  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    DEVICE,
+    f16,
+    make_weight,
+    pdl_chain_in_graph_equals_eager,
+    reference,
+    run_ptx,
+    run_ptx_warp,
+    tol,
+)
 from mobiquant.kernels import pack_slices  # noqa: E402
 from mobiquant.kernels.sliced_gemv_mma import OFF, asm_aux_text, asm_plane_text, plane_regs_ptx, sliced_gemv_mma  # noqa: E402
 
@@ -98,8 +107,6 @@ def _codes(word):
 
 def test_plane_registers_hold_offset_plus_code():
     """Register j = (OFF[j] + code of slot j, OFF[j] + code of slot j + 8), exactly, for random words."""
-    from kernel_helpers import f16, run_ptx
-
     rng = np.random.default_rng(0)
     for _ in range(20):
         w = int(rng.integers(0, 2**32))
