@@ -205,7 +205,7 @@ def _load_group(g, g_hi, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z
     x = tl.load(x_ptrs + g * GROUP, mask=x_mask & v, other=0.0)
     s = tl.load(s_ptrs + g * N, mask=n_mask & v, other=0.0)
     z = tl.load(z_ptrs + g * N, mask=n_mask & v, other=0.0)
-    w0, w1, w2, w3 = load_planes(w_ptrs + g * WPG, plane_stride, w_mask & v, KS)
+    w0, w1, w2, w3 = load_planes(w_ptrs + g * (N * WPG), plane_stride, w_mask & v, KS)  # group-major words
     return x, s, z, w0, w1, w2, w3
 
 
@@ -246,8 +246,8 @@ def group_loop(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, xs_ptrs, s_ptr
                USE_ASM: tl.constexpr, XS_DOT: tl.constexpr, GPI_: tl.constexpr):
     """acc (BN, BM) += Σ_{g in [g_lo, g_hi)} Ŵ_k,g x_gᵀ for a tile whose tokens use at most KS slices.
 
-    w_ptrs (BN, GROUP/16) int32 pointers to plane 1, group 0; x_ptrs (BM, GROUP) pointers to group 0 (row-major,
-    so that x loads are 16-byte vectors);
+    w_ptrs (BN, GROUP/16) int32 pointers to plane 1, group 0 (group-major words: group g at + g N GROUP/16);
+    x_ptrs (BM, GROUP) pointers to group 0 (row-major, so that x loads are 16-byte vectors);
     xs_ptrs (BM,) pointers to precomputed group sums (XS_DOT=0); s_ptrs/z_ptrs (BN,) to group 0 of scale/zero.
     GPI_: 0 = loads at their use, pipelined by Triton (num_stages >= 2; the tuned default); 1 = loads issued one group
     ahead by hand; 2 = two groups per iteration.
@@ -375,7 +375,7 @@ def group_loop_dq(acc, w_ptrs, w_mask, plane_stride, x_ptrs, x_mask, s_ptrs, z_p
         x = tl.load(x_ptrs + g * GROUP, mask=x_mask, other=0.0)  # (BM, GROUP)
         s1 = tl.load(s_ptrs + g * N, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         z1 = tl.load(z_ptrs + g * N, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        wp = w_ptrs + g * WPG
+        wp = w_ptrs + g * (N * WPG)  # group-major words
         if COMBINE:
             w0, w1, w2, w3 = load_planes(wp, plane_stride, w_mask, KS)
             F: tl.constexpr = 1.0 / (4.0 ** (KS - 1))

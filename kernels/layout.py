@@ -4,8 +4,10 @@ The library stores slice e of a weight (N, K) as ``plane_e`` (N, K/4) uint8, fou
 (mobiquant/quant/packing.py). The kernels read the same bytes per slice (2 bits per weight and slice, so a token at
 k slices still costs k planes) but in a layout chosen for the unpacking, converted once when a model moves to CUDA:
 
-    qweight (E, N, K/16) int32   word w of row n of plane e holds the 16 codes k = 16 w + p, p = 0..15, the code of
-                                 position p at bits [2 s, 2 s + 2) with s = SLOT[p] (a fixed permutation below)
+    qweight (E, G, N, g/16) int32  word j of row n in group gi of plane e holds the 16 codes k = gi g + 16 j + p,
+                                   p = 0..15, the code of position p at bits [2 s, 2 s + 2) with s = SLOT[p] (a fixed
+                                   permutation below). Group-major: a tile of rows of one group is one contiguous
+                                   block (BLOCK_N x g/4 bytes), as s and z below
     scale   (G, N) fp16          s_1, transposed so that a tile of BLOCK_N rows of one group is one contiguous load
     zero    (G, N) fp16          z_1 (in units of s_1), transposed likewise
 
@@ -15,6 +17,12 @@ holds the slots (j, j + 8). With k > 1 planes it first merges the k words of the
 8-bit fields (bit-plane shift-and-add, paper §4.3) and extracts Q_k the same way; the slot pairs are the same for
 every k (see ``_tile.py``). Triton then assembles the 16 values of a word into 16 consecutive k positions with a
 tree of ``tl.join`` calls; SLOT is the order that tree produces, computed here by replaying the tree on indices.
+
+Why group-major (``benchmarks/experiments/roofline_batch1.py``, KERNEL_NOTES.md "Tenth session"): a decode program
+reads a tile of rows, one group at a time. Row-major words (N, K/16) put each row's group (32 bytes at g = 128) a whole
+row apart, so every warp load touched 8-16 separate 32-byte sectors; with v8's loads and grid and no arithmetic at all
+that pattern read the LLaMA-3-8B units at 1.5-2.6x the time of the same bytes read contiguously, as slow as the
+kernels themselves. Group-major makes the tile one contiguous block.
 
 Only uniform 2-bit slices (``slice_bits == (2,) * E``, E <= 4, the paper's default) have a kernel; other
 configurations keep the library's torch path.
@@ -52,7 +60,7 @@ SLOT = [v // 2 + 8 * (v % 2) for v in _join_tree_order()]  # SLOT[p] = bit slot 
 class PackedSlices:
     """A sliced linear weight in the kernels' layout (see the module docstring). Shapes: N out, K in, G = K / g."""
 
-    qweight: torch.Tensor  # (E, N, K/16) int32
+    qweight: torch.Tensor  # (E, G, N, g/16) int32, group-major
     scale: torch.Tensor  # (G, N) fp16
     zero: torch.Tensor  # (G, N) fp16
     group_size: int
@@ -63,11 +71,11 @@ class PackedSlices:
 
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[1]
+        return self.qweight.shape[2]
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[2] * CODES_PER_WORD
+        return self.qweight.shape[1] * self.qweight.shape[3] * CODES_PER_WORD
 
     def to(self, device) -> PackedSlices:
         return PackedSlices(self.qweight.to(device), self.scale.to(device), self.zero.to(device), self.group_size)
@@ -113,7 +121,8 @@ def pack_slices(planes, scale: torch.Tensor, zero: torch.Tensor, slice_bits=(2, 
     for p in planes:
         c = _unpack_u8(p, K).reshape(N, K // CODES_PER_WORD, CODES_PER_WORD)  # (N, W, 16) by position p
         w = (c << (2 * slot)).sum(-1)  # (N, W) int64 < 2^32, disjoint bit fields
-        words.append(torch.where(w >= 2**31, w - 2**32, w).to(torch.int32))
+        w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+        words.append(w.reshape(N, G, K // G // CODES_PER_WORD).transpose(0, 1))  # (G, N, g/16): group-major
     return PackedSlices(torch.stack(words).contiguous(), scale.to(torch.float16).t().contiguous(),
                         zero.to(torch.float16).t().contiguous(), K // G)
 
@@ -121,8 +130,8 @@ def pack_slices(planes, scale: torch.Tensor, zero: torch.Tensor, slice_bits=(2, 
 def unpack_codes(packed: PackedSlices) -> torch.Tensor:
     """(E, N, K) int64 codes c_e from the GPU layout (torch; the reference for the kernels' unpacking)."""
     slot = torch.tensor(SLOT, device=packed.qweight.device)
-    w = packed.qweight.long() & 0xFFFFFFFF  # (E, N, W)
-    c = (w[..., None] >> (2 * slot)) & 3  # (E, N, W, 16)
+    w = (packed.qweight.long() & 0xFFFFFFFF).transpose(1, 2)  # (E, N, G, g/16)
+    c = (w[..., None] >> (2 * slot)) & 3  # (E, N, G, g/16, 16)
     return c.reshape(packed.num_slices, packed.out_features, packed.in_features)
 
 

@@ -98,8 +98,7 @@ def _sliced_gemm_kernel(
         n_mask = offs_n < N
         m_mask = offs_m < pos_end
         rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int32)  # original index of each sorted position
-        K_words = G * WPG
-        w_ptrs = w_ptr + offs_n[:, None] * K_words + tl.arange(0, WPG)[None, :]
+        w_ptrs = w_ptr + offs_n[:, None] * WPG + tl.arange(0, WPG)[None, :]  # plane 1, group 0 (group-major)
         x_ptrs = x_ptr + rows[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, GROUP) gathered rows
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         acc = _tile.tile_acc_dq(acc, w_ptrs, n_mask[:, None], plane_stride, x_ptrs, m_mask[:, None],

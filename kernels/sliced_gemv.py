@@ -88,8 +88,7 @@ def _sliced_gemv_kernel(
     gps = tl.cdiv(G, SPLIT_K)
     g_lo = pid_k * gps
     g_hi = tl.minimum(g_lo + gps, G)
-    K_words = G * WPG
-    w_ptrs = w_ptr + offs_n[:, None] * K_words + tl.arange(0, WPG)[None, :]  # (BN, WPG) plane 1, group 0
+    w_ptrs = w_ptr + offs_n[:, None] * WPG + tl.arange(0, WPG)[None, :]  # (BN, WPG) plane 1, group 0 (group-major)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, GROUP)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc = _tile.tile_acc(acc, w_ptrs, n_mask[:, None], plane_stride, x_ptrs, m_mask[:, None], x_ptr,

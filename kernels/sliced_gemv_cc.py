@@ -47,11 +47,12 @@ against 2.7 / 3.1 / 4.5 / 4.9, sums in fp32.
 
 Launch options (config dict, tuned per shape in configs/h100.json): BLOCK_N, GPI (groups per iteration), SPLIT_K,
 num_warps, PF (1: prefetch the next iteration's words, scales and zero points into registers; 2: the loop unrolled by
-two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), L2PF (bulk L2
-prefetch of the program's row range), GPK (4 / 2 x GPI groups per iteration at k = 1 / 2), PDL (programmatic dependent
-launch: before ``griddepcontrol.wait`` a program only prefetches its plane-1 weights into L2; x, k, y and the split-K
-workspace are touched after it), MMA, maxnreg. Two more options were measured and removed (KERNEL_NOTES.md,
-"v7 profile"; code in commit 970f493): x of the next step prefetched (slower except in the fused q/k/v launch alone,
+two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), GPK (4 / 2 x GPI
+groups per iteration at k = 1 / 2), PDL (programmatic dependent launch: before ``griddepcontrol.wait`` a program only
+prefetches its plane-1 weights into L2; x, k, y and the split-K workspace are touched after it), MMA, maxnreg. Three
+more options were measured and removed: a bulk L2 prefetch of every plane of the program's rows at its start (slower at
+k = 1, 2; "v7" in KERNEL_NOTES.md; removed with the group-major layout), and (KERNEL_NOTES.md,
+"v7 profile"; code in commit 970f493) x of the next step prefetched (slower except in the fused q/k/v launch alone,
 and slower there, with PF = 2, in the decode chain) and the first step's loads issued before the PDL wait (slower at
 every k).
 Scales and zero points are loaded as raw 16-bit values and converted where they are used (KERNEL_NOTES.md, "v7
@@ -211,11 +212,23 @@ I32X16 = tl.constexpr((tl.int32,) * 16)
 ASM_LDSZ = tl.constexpr("ld.global.nc.u16 $0, [$2];\nld.global.nc.u16 $1, [$3];")
 LDSZ_CONS = tl.constexpr("=r,=r,l,l")
 ASM_CVT_LO = tl.constexpr("{\n.reg .b16 l, h;\nmov.b32 {l, h}, $1;\ncvt.f32.f16 $0, l;\n}")
-ASM_L2PF = tl.constexpr("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;")
+ASM_L2PF = tl.constexpr("{\n.reg .pred p;\nsetp.ne.s32 p, $2, 0;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
+                         "mov.u32 $0, 0;\n}")  # size 0: nothing
 L2PF_CONS = tl.constexpr("=r,l,r")
 ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
 ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
 I32X2 = tl.constexpr((tl.int32, tl.int32))
+
+
+@triton.jit
+def l2_prefetch_tile(w_ptr, n0, N, g_lo, g_hi, BLOCK_N: tl.constexpr, WPG: tl.constexpr):
+    """Request plane 1 of a program's tile (rows n0 .. n0 + BLOCK_N, groups g_lo .. g_hi) into L2, no registers held.
+    Group-major words make rows n0.. of one group one contiguous block; element i of the (BLOCK_N,) tensor issues
+    group g_lo + i's (the first BLOCK_N groups of the split; size 0 past g_hi or in an empty split)."""
+    i = tl.arange(0, BLOCK_N)
+    nbytes = tl.where(i < g_hi - g_lo, tl.minimum(N - n0, BLOCK_N) * (WPG * 4), 0)
+    a = (w_ptr + ((g_lo + i) * N + n0) * WPG).to(tl.int64, bitcast=True)
+    tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [a, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -285,11 +298,12 @@ def _xsum(x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS: tl.constexpr, GPI: tl.constexpr, WPG: tl.constexpr):
-    """The KS plane word tiles (BN, GPI, WPG) of groups g .. g + GPI - 1 (zeros past g_hi; unused planes repeat w0)."""
+def _load_words(g, g_hi, w_ptrs, n_mask, N, plane_stride, KS: tl.constexpr, GPI: tl.constexpr, WPG: tl.constexpr):
+    """The KS plane word tiles (BN, GPI, WPG) of groups g .. g + GPI - 1 (zeros past g_hi; unused planes repeat w0;
+    group-major words: group g at w_ptrs + g N WPG)."""
     gm = (g + tl.arange(0, GPI)) < g_hi
     wm = n_mask[:, None, None] & gm[None, :, None]
-    return load_planes(w_ptrs + g * WPG, plane_stride, wm, KS)
+    return load_planes(w_ptrs + g * (N * WPG), plane_stride, wm, KS)
 
 
 @triton.jit
@@ -363,9 +377,9 @@ def _cc_step(acc, w0, w1, w2, w3, s, z, x0, x1, x2, x3, x4, x5, x6, x7, g, g_hi,
 
 
 @triton.jit
-def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
+def _cc_loop(w_row, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
              KS: tl.constexpr, GPI_: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr,
-             PF: tl.constexpr, L2PF: tl.constexpr):
+             PF: tl.constexpr):
     """(BN,) fp32 = Σ over groups [g_lo, g_hi) and words of s_1 P + s_1 (2 - z_1 + 2^-(2KS-1)) X (then times 16).
 
     w_row (BN, 1, 1) pointers to plane 1 of each row, word 0; xi_base: x pair 0 of the token (int32 pointer);
@@ -386,41 +400,36 @@ def _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_word
     i_g = tl.arange(0, GPI)
     i_w = tl.arange(0, WPG)
     BN: tl.constexpr = w_row.shape[0]
-    w_ptrs = w_row + (i_g[None, :, None] * WPG + i_w[None, None, :])  # (BN, GPI, WPG)
+    w_ptrs = w_row + (i_g[None, :, None] * (N * WPG) + i_w[None, None, :])  # (BN, GPI, WPG), group-major words
     xi_ptrs = xi_base + (i_g[:, None] * WPG + i_w[None, :]) * 8  # (GPI, WPG)
     s_ptrs = s_row + i_g[None, :] * N  # (BN, GPI)
     z_ptrs = z_row + i_g[None, :] * N
     acc = tl.zeros((BN, GPI, WPG), tl.float32)
-    if L2PF:  # the program's whole row range, every plane, requested into L2 up front (no registers held)
-        nbytes = tl.zeros((BN,), tl.int32) + tl.maximum(g_hi - g_lo, 0) * (WPG * 4)  # never negative
-        for e in tl.static_range(KS):
-            a = (w_row1 + e * plane_stride + g_lo * WPG).to(tl.int64, bitcast=True)
-            tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [a, nbytes], dtype=tl.int32, is_pure=False, pack=1)
     if PF == 2:
-        a0, a1, a2, a3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+        a0, a1, a2, a3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, N, plane_stride, KS, GPI, WPG)
         sa, za = _load_sz(g_lo, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
         for g in range(g_lo, g_hi, 2 * GPI):
             gb = g + GPI
-            b0, b1, b2, b3 = _load_words(gb, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+            b0, b1, b2, b3 = _load_words(gb, g_hi, w_ptrs, n_mask, N, plane_stride, KS, GPI, WPG)
             sb, zb = _load_sz(gb, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
             p0, p1, p2, p3, p4, p5, p6, p7 = _load_x(g, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
             acc = _cc_step(acc, a0, a1, a2, a3, sa, za, p0, p1, p2, p3, p4, p5, p6, p7, g, g_hi, KS, GPI, USE_ASM)
-            a0, a1, a2, a3 = _load_words(g + 2 * GPI, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+            a0, a1, a2, a3 = _load_words(g + 2 * GPI, g_hi, w_ptrs, n_mask, N, plane_stride, KS, GPI, WPG)
             sa, za = _load_sz(g + 2 * GPI, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
             q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(gb, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
             acc = _cc_step(acc, b0, b1, b2, b3, sb, zb, q0, q1, q2, q3, q4, q5, q6, q7, gb, g_hi, KS, GPI,
                            USE_ASM)
     else:
         if PF:
-            v0, v1, v2, v3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+            v0, v1, v2, v3 = _load_words(g_lo, g_hi, w_ptrs, n_mask, N, plane_stride, KS, GPI, WPG)
             sv, zv = _load_sz(g_lo, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
         for g in range(g_lo, g_hi, GPI):
             if PF:  # words, scales and zero points of the next iteration issued before this one is computed
                 w0, w1, w2, w3, s, z = v0, v1, v2, v3, sv, zv
-                v0, v1, v2, v3 = _load_words(g + GPI, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+                v0, v1, v2, v3 = _load_words(g + GPI, g_hi, w_ptrs, n_mask, N, plane_stride, KS, GPI, WPG)
                 sv, zv = _load_sz(g + GPI, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
             else:
-                w0, w1, w2, w3 = _load_words(g, g_hi, w_ptrs, n_mask, plane_stride, KS, GPI, WPG)
+                w0, w1, w2, w3 = _load_words(g, g_hi, w_ptrs, n_mask, N, plane_stride, KS, GPI, WPG)
                 s, z = _load_sz(g, g_hi, s_ptrs, z_ptrs, n_mask, N, GPI, USE_ASM)
             x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(g, g_hi, xi_ptrs, GPI, WPG, USE_ASM)
             acc = _cc_step(acc, w0, w1, w2, w3, s, z, x0, x1, x2, x3, x4, x5, x6, x7, g, g_hi, KS, GPI, USE_ASM)
@@ -520,19 +529,20 @@ def _mma_loop(w_rowc, xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl
     BN: tl.constexpr = w_rowc.shape[0]
     i_t = tl.arange(0, 4)
     w_ptrs = w_rowc + i_t[None, :] * 2  # (BN, 4): chunk 2t of group 0
+    GS = N * 8  # group-major words: group g at w_ptrs + g GS
     xi_ptrs = xi_base + i_t * 16  # (4,): x pair 0 of chunk 2t
     acc = tl.zeros((BN, 4), tl.float32)
     if PF:
-        v = _load_words_mma(w_ptrs + g_lo * 8, plane_stride, KS, USE_ASM)
+        v = _load_words_mma(w_ptrs + g_lo * GS, plane_stride, KS, USE_ASM)
         sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
     for g in range(g_lo, g_hi):
         if PF:  # this group's words, s and z were loaded one step ahead; the next group's are issued now (past the
             w, s, z = v, sv, zv  # end: the last group again, a valid address)
             gn = tl.minimum(g + 1, g_hi - 1)
-            v = _load_words_mma(w_ptrs + gn * 8, plane_stride, KS, USE_ASM)
+            v = _load_words_mma(w_ptrs + gn * GS, plane_stride, KS, USE_ASM)
             sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, USE_ASM)
         else:
-            w = _load_words_mma(w_ptrs + g * 8, plane_stride, KS, USE_ASM)
+            w = _load_words_mma(w_ptrs + g * GS, plane_stride, KS, USE_ASM)
             s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
         wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
         xs = _load_x_mma(xi_ptrs + g * 64, USE_ASM)
@@ -547,15 +557,15 @@ def _mma_loop(w_rowc, xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl
 
 
 @triton.jit
-def _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride, KS: tl.constexpr,
+def _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
               GPI: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr, PF: tl.constexpr,
-              L2PF: tl.constexpr, MMA: tl.constexpr):
+              MMA: tl.constexpr):
     """(BN,) the rows' sums before the final factor 16: on the tensor cores if bit KS - 1 of MMA is set, else on
     the CUDA cores (the tile, split-K and prefetch are the launch's, for both)."""
     if (MMA >> (KS - 1)) & 1:
         return _mma_loop(w_row1[:, None], xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS, USE_ASM, PF)
-    return _cc_loop(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride, KS, GPI,
-                    GPK, WPG, USE_ASM, PF, L2PF)
+    return _cc_loop(w_row, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, KS, GPI, GPK, WPG, USE_ASM,
+                    PF)
 
 
 @triton.jit
@@ -565,7 +575,7 @@ def _sliced_gemv_cc_kernel(
     w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
     rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, L2PF: tl.constexpr, PDL: tl.constexpr,
+    USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
     RSPLIT: tl.constexpr, MMA: tl.constexpr,
 ):
@@ -611,11 +621,10 @@ def _sliced_gemv_cc_kernel(
     gps = tl.cdiv(G, SPLIT_K)
     g_lo = pid_k * gps
     g_hi = tl.minimum(g_lo + gps, G)
-    K_words = G * WPG
-    w_row = w_ptr + offs_n[:, None, None] * K_words  # (BN, 1, 1)
+    w_row = w_ptr + offs_n[:, None, None] * WPG  # (BN, 1, 1) plane 1, group 0 (group-major words)
     xi_base = x_ptr + m * stride_xm
     n_c = tl.minimum(offs_n, N - 1)  # rows past N read row N - 1 (never stored)
-    w_row1 = w_ptr + n_c * K_words  # (BN,) for the L2 prefetch
+    w_row1 = w_ptr + n_c * WPG  # (BN,)
     # cp.async.bulk.prefetch.L2 takes 16-byte aligned addresses and sizes: groups of a multiple of 64 weights
     L2OK: tl.constexpr = GROUP % 64 == 0
     s_row = s_ptr + n_c[:, None]
@@ -625,9 +634,7 @@ def _sliced_gemv_cc_kernel(
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
         # into L2. x, k, y and the split-K workspace are touched only after the wait.
         if L2OK:
-            nbytes = tl.zeros((BLOCK_N,), tl.int32) + tl.maximum(g_hi - g_lo, 0) * (WPG * 4)  # never negative
-            tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [(w_row1 + g_lo * WPG).to(tl.int64, bitcast=True),
-                                                            nbytes], dtype=tl.int32, is_pure=False, pack=1)
+            l2_prefetch_tile(w_ptr, pid_n * BLOCK_N, N, g_lo, g_hi, BLOCK_N, WPG)
         one = tl.full((1,), 0, tl.int32)
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
@@ -645,20 +652,20 @@ def _sliced_gemv_cc_kernel(
         kt = tl.minimum(tl.maximum(tl.load(k_ptr + m * NSEG + seg), 1), E)
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
-        yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                       1, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+        yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
+                       1, GPI, GPK, WPG, USE_ASM, PF, MMA)
     elif kt == 2:
         if E >= 2:
-            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                           2, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
+                           2, GPI, GPK, WPG, USE_ASM, PF, MMA)
     elif kt == 3:
         if E >= 3:
-            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                           3, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
+                           3, GPI, GPK, WPG, USE_ASM, PF, MMA)
     else:
         if E >= 4:
-            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, K_words, plane_stride,
-                           4, GPI, GPK, WPG, USE_ASM, PF, L2PF and USE_ASM and L2OK, MMA)
+            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
+                           4, GPI, GPK, WPG, USE_ASM, PF, MMA)
     yv = yv * 16.0
     y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
     if SPLIT_K == 1:
@@ -765,7 +772,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt,
         Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
-        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), L2PF=cfg.get("L2PF", 0), PDL=pdl,
+        PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), PDL=pdl,
         NSEG=len(packs), MMA=mma, **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),

@@ -60,15 +60,14 @@ from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
 from .sliced_gemv_cc import (
     ASM_GDC_LAUNCH,
     ASM_GDC_WAIT,
-    ASM_L2PF,
     ASM_LDX16,
     I32X16,
-    L2PF_CONS,
     _f16_bits_to_f32,
     _h2,
     _has_pdl,
     _load_sz_mma,
     _load_words_mma,
+    l2_prefetch_tile,
 )
 from .tuning import lookup
 
@@ -212,10 +211,11 @@ def _aux(xs0, xs1, x_ptr, stride_x, g, tk0, tk1, tk2, tk3, TB: tl.constexpr, USE
 
 
 @triton.jit
-def _plane_ref(w_row, off, x_ptr, stride_x, g, tok):
-    """Interpreter: Σ_group r x for rows w_row (R, 8, 1) (plane at word offset off) and tokens tok (1, 1, 4)."""
+def _plane_ref(w_grp, off, x_ptr, stride_x, g, tok):
+    """Interpreter: Σ_group r x for rows w_grp (R, 8, 1) (word 0 of group g; plane at word offset off) and tokens
+    tok (1, 1, 4)."""
     pos = tl.arange(0, _GROUP)[None, None, None, :]
-    word = tl.load(w_row[:, :, :, None] + off + g * (_GROUP // 16) + pos // 16)  # (R, 8, 1, 128)
+    word = tl.load(w_grp[:, :, :, None] + off + pos // 16)  # (R, 8, 1, 128)
     slot = (pos % 16) // 2 + 8 * (pos % 2)  # layout.SLOT: position 2j <- slot j, 2j + 1 <- slot j + 8
     r = ((word >> (2 * slot)) & 3).to(tl.float32)
     xv = tl.load(x_ptr + tok[:, :, :, None] * stride_x + g * _GROUP + pos).to(tl.float32)  # (1, 1, 4, 128)
@@ -223,7 +223,7 @@ def _plane_ref(w_row, off, x_ptr, stride_x, g, tok):
 
 
 @triton.jit
-def _plane(wa, wb, xs0, xs1, w_row, off, x_ptr, stride_x, g, tk0, tk1, tk2, tk3, TB: tl.constexpr,
+def _plane(wa, wb, xs0, xs1, w_grp, off, x_ptr, stride_x, g, tk0, tk1, tk2, tk3, TB: tl.constexpr,
            USE_ASM: tl.constexpr):
     """D = Σ_group (o + r) x of one plane for each output, 4 x (R, 8, 4) fp32 (TB = 1: outputs 2, 3 repeat 0, 1).
     wa, wb: the plane's words 2t, 2t + 1 (R, 8, 4); PTX ``asm_plane_text``; interpreter ``_plane_ref``."""
@@ -243,12 +243,12 @@ def _plane(wa, wb, xs0, xs1, w_row, off, x_ptr, stride_x, g, tk0, tk1, tk2, tk3,
                  y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15],
                 dtype=F32X4, is_pure=True, pack=2)
     else:
-        d0 = _plane_ref(w_row, off, x_ptr, stride_x, g, tk0)
-        d1 = _plane_ref(w_row, off, x_ptr, stride_x, g, tk1)
+        d0 = _plane_ref(w_grp, off, x_ptr, stride_x, g, tk0)
+        d1 = _plane_ref(w_grp, off, x_ptr, stride_x, g, tk1)
         d2, d3 = d0, d1
         if TB == 2:
-            d2 = _plane_ref(w_row, off, x_ptr, stride_x, g, tk2)
-            d3 = _plane_ref(w_row, off, x_ptr, stride_x, g, tk3)
+            d2 = _plane_ref(w_grp, off, x_ptr, stride_x, g, tk2)
+            d3 = _plane_ref(w_grp, off, x_ptr, stride_x, g, tk3)
         return d0, d1, d2, d3
 
 
@@ -285,19 +285,21 @@ def _mma9_loop(w_rowt, w_row, xb0, xb1, s_row, z_row, g_lo, g_hi, N, plane_strid
     f2_1, f3_1, f4_1, F_1, c_1 = fk1
     f2_2, f3_2, f4_2, F_2, c_2 = fk2
     f2_3, f3_3, f4_3, F_3, c_3 = fk3
+    GS = N * 8  # group-major words: group g at + g GS
     if PF:
-        v = _load_words_mma(w_rowt + g_lo * 8, plane_stride, KS, USE_ASM)
+        v = _load_words_mma(w_rowt + g_lo * GS, plane_stride, KS, USE_ASM)
         sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
     for g in range(g_lo, g_hi):
         if PF:  # this group's words, s and z were issued one step ahead; the next group's now (past the end: the
             w, s, z = v, sv, zv  # last group again, a valid address)
             gn = tl.minimum(g + 1, g_hi - 1)
-            v = _load_words_mma(w_rowt + gn * 8, plane_stride, KS, USE_ASM)
+            v = _load_words_mma(w_rowt + gn * GS, plane_stride, KS, USE_ASM)
             sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, USE_ASM)
         else:
-            w = _load_words_mma(w_rowt + g * 8, plane_stride, KS, USE_ASM)
+            w = _load_words_mma(w_rowt + g * GS, plane_stride, KS, USE_ASM)
             s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
         a0, b0, a1, b1, a2, b2, a3, b3 = w
+        w_grp = w_row + g * GS  # (interpreter path)
         if USE_ASM:
             xs0 = _load_x16(xb0 + g * 64, USE_ASM)
             xs1 = xs0
@@ -307,17 +309,17 @@ def _mma9_loop(w_rowt, w_row, xb0, xb1, s_row, z_row, g_lo, g_hi, N, plane_strid
             xs0 = xb0
             xs1 = xb0
         O0, O1, O2, O3, X0, X1, X2, X3 = _aux(xs0, xs1, x_ptr, stride_x, g, tk0, tk1, tk2, tk3, TB, USE_ASM)
-        P0, P1, P2, P3 = _plane(a0, b0, xs0, xs1, w_row, 0, x_ptr, stride_x, g, tk0, tk1, tk2, tk3, TB, USE_ASM)
+        P0, P1, P2, P3 = _plane(a0, b0, xs0, xs1, w_grp, 0, x_ptr, stride_x, g, tk0, tk1, tk2, tk3, TB, USE_ASM)
         if KS > 1:
-            D0, D1, D2, D3 = _plane(a1, b1, xs0, xs1, w_row, plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2, tk3,
+            D0, D1, D2, D3 = _plane(a1, b1, xs0, xs1, w_grp, plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2, tk3,
                                     TB, USE_ASM)
             P0, P1, P2, P3 = _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f2_0, f2_1, f2_2, f2_3)
         if KS > 2:
-            D0, D1, D2, D3 = _plane(a2, b2, xs0, xs1, w_row, 2 * plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2,
+            D0, D1, D2, D3 = _plane(a2, b2, xs0, xs1, w_grp, 2 * plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2,
                                     tk3, TB, USE_ASM)
             P0, P1, P2, P3 = _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f3_0, f3_1, f3_2, f3_3)
         if KS > 3:
-            D0, D1, D2, D3 = _plane(a3, b3, xs0, xs1, w_row, 3 * plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2,
+            D0, D1, D2, D3 = _plane(a3, b3, xs0, xs1, w_grp, 3 * plane_stride, x_ptr, stride_x, g, tk0, tk1, tk2,
                                     tk3, TB, USE_ASM)
             P0, P1, P2, P3 = _weigh(P0, P1, P2, P3, D0, D1, D2, D3, f4_0, f4_1, f4_2, f4_3)
         sf = _f16_bits_to_f32(s, USE_ASM)  # (R, 8, 1)
@@ -373,15 +375,12 @@ def _sliced_gemv_mma_kernel(
     gps = tl.cdiv(G, SPLIT_K)
     g_lo = pid_k * gps
     g_hi = tl.minimum(g_lo + gps, G)
-    K_words = G * WPG
-    w_row = w_ptr + n_c * K_words  # (R, 8, 1)
+    w_row = w_ptr + n_c * WPG  # (R, 8, 1) plane 1, group 0 (group-major words)
     w_rowt = w_row + 2 * i_t  # (R, 8, 4): words 2t, 2t + 1 of group 0
     s_row = s_ptr + n_c
     z_row = z_ptr + n_c
     if PDL:  # before the wait only the weights (never written by a kernel) are touched: plane 1 into L2
-        nbytes = tl.zeros((R, 8, 1), tl.int32) + tl.maximum(g_hi - g_lo, 0) * (WPG * 4)
-        tl.inline_asm_elementwise(ASM_L2PF, L2PF_CONS, [(w_row + g_lo * WPG).to(tl.int64, bitcast=True), nbytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        l2_prefetch_tile(w_ptr, pid_n * BLOCK_N, N, g_lo, g_hi, BLOCK_N, WPG)
         one = tl.full((1,), 0, tl.int32)
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)

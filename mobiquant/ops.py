@@ -10,10 +10,10 @@ implementations launch the kernels of ``mobiquant.kernels`` (imported lazily, on
 imports neither triton nor initialises CUDA, so ``import mobiquant`` stays light). On a CPU tensor without
 ``TRITON_INTERPRET=1`` they run the pure-torch references instead, which compute the same functions.
 
-``sliced_linear`` arguments are the tensors of a ``mobiquant.kernels.PackedSlices`` (kernel layout: qweight (E, N, K/16)
-int32, scale and zero (G, N) fp16) plus k, each token's slice count (int32, shaped like x[..., 0], values clamped to
-1..E by the kernel: no host-side check, so no synchronisation). Kernel constraints (``kernel_compatible``): 2-bit
-slices, E <= 4, K % 16 == 0, group size % 32 == 0, x in fp16 or bf16.
+``sliced_linear`` arguments are the tensors of a ``mobiquant.kernels.PackedSlices`` (kernel layout: qweight
+(E, G, N, g/16) int32, scale and zero (G, N) fp16) plus k, each token's slice count (int32, shaped like x[..., 0],
+values clamped to 1..E by the kernel: no host-side check, so no synchronisation). Kernel constraints
+(``kernel_compatible``): 2-bit slices, E <= 4, K % 16 == 0, group size % 32 == 0, x in fp16 or bf16.
 
 ``route_counts`` is the fused decode-time router of a group of linears that share one input (q/k/v, gate/up): the
 MoBiRoute MLPs, the thresholds and the nested counts in one launch (``mobiquant.kernels.router``).
@@ -86,7 +86,7 @@ def sliced_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
 
 @sliced_linear.register_fake
 def _(x, qweight, scale, zero, k, bias, group_size):
-    return x.new_empty(*x.shape[:-1], qweight.shape[1])
+    return x.new_empty(*x.shape[:-1], qweight.shape[2])  # qweight (E, G, N, g/16)
 
 
 def sliced_linear_ref(x: torch.Tensor, packed, k: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,7 +122,7 @@ def sliced_linear_multi(x: torch.Tensor, qweights: list[torch.Tensor], scales: l
 
 @sliced_linear_multi.register_fake
 def _(x, qweights, scales, zeros, k, bias, group_size):
-    return x.new_empty(*x.shape[:-1], sum(q.shape[1] for q in qweights))
+    return x.new_empty(*x.shape[:-1], sum(q.shape[2] for q in qweights))
 
 
 def sliced_linear_multi_ref(x: torch.Tensor, packs, k: torch.Tensor, bias: torch.Tensor | None = None):

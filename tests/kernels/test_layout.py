@@ -14,12 +14,24 @@ def test_slot_is_a_permutation_pairing_registers():
 def test_round_trip_exact(N, K, g):
     planes, s1, z1, _ = make_weight(N, K, g, seed=N + K)
     p = layout.pack_slices(planes, s1, z1, BITS)
-    assert p.qweight.shape == (4, N, K // 16) and p.qweight.dtype == torch.int32
+    assert p.qweight.shape == (4, K // g, N, g // 16) and p.qweight.dtype == torch.int32
     assert p.scale.shape == (K // g, N) and p.group_size == g
     back, s, z = layout.unpack_slices(p)
     for a, b in zip(back, planes):
         assert torch.equal(a, b)
     assert torch.equal(s, s1) and torch.equal(z, z1)
+
+
+def test_group_major_tile_is_contiguous():
+    """The words of rows n0..n1 in group gi are one contiguous run of the flat plane, and hold that group's codes."""
+    N, K, g = 50, 384, 128
+    planes, s1, z1, codes = make_weight(N, K, g, seed=5)
+    flat = layout.pack_slices(planes, s1, z1, BITS).qweight[1].reshape(-1)  # plane 2, as the kernels address it
+    wpg, gi, n0, n1 = g // 16, 2, 7, 19
+    run = flat[(gi * N + n0) * wpg:(gi * N + n1) * wpg].reshape(n1 - n0, wpg)
+    slot = torch.tensor(layout.SLOT)
+    got = (((run.long() & 0xFFFFFFFF)[..., None] >> (2 * slot)) & 3).reshape(n1 - n0, g)
+    assert torch.equal(got, codes[1][n0:n1, gi * g:(gi + 1) * g].long())
 
 
 def test_codes_and_dense_weight_exact():
