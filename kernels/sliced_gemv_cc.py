@@ -46,6 +46,8 @@ instructions per weight than the CUDA-core dot (SASS, KERNEL_NOTES.md "v8"): 2.1
 against 2.7 / 3.1 / 4.5 / 4.9, sums in fp32.
 
 Launch options (config dict, tuned per shape in configs/h100.json): BLOCK_N, GPI (groups per iteration), SPLIT_K,
+SPLIT_K12 (fewer splits for tokens at k <= 2, chosen on the device from k: the grid keeps SPLIT_K programs per tile
+and those past SPLIT_K12 return at once; the gate/up launch is faster at every k but 3 with 8 / 4 than with 4),
 num_warps, PF (1: prefetch the next iteration's words, scales and zero points into registers; 2: the loop unrolled by
 two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), GPK (4 / 2 x GPI
 groups per iteration at k = 1 / 2), PDL (programmatic dependent launch: before ``griddepcontrol.wait`` a program only
@@ -575,6 +577,7 @@ def _sliced_gemv_cc_kernel(
     w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
     rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
+    SPLIT_K12: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
     RSPLIT: tl.constexpr, MMA: tl.constexpr,
@@ -650,6 +653,26 @@ def _sliced_gemv_cc_kernel(
         kt = tl.minimum(tl.maximum(cnt, 1), E)
     else:
         kt = tl.minimum(tl.maximum(tl.load(k_ptr + m * NSEG + seg), 1), E)
+    if SPLIT_K12 != SPLIT_K:  # fewer splits at k <= 2 (same grid): the tile's programs past them do nothing
+        nsplit = tl.where(kt <= 2, SPLIT_K12, SPLIT_K)
+        gps = tl.cdiv(G, nsplit)
+        g_lo = pid_k * gps
+        g_hi = tl.minimum(g_lo + gps, G)
+    else:
+        nsplit = SPLIT_K
+    if pid_k < nsplit:
+        _finish_tile(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, kt, y_ptr, ws_ptr,
+                     cnt_ptr, m * stride_ym + row0 + offs_n, m * n_tiles + pid_g, pid_k, nsplit, E, BLOCK_N, GPI,
+                     SPLIT_K, GPK, WPG, USE_ASM, PF, MMA)
+
+
+@triton.jit
+def _finish_tile(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, kt, y_ptr, ws_ptr,
+                 cnt_ptr, y_off, tile, pid_k, nsplit, E: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
+                 SPLIT_K: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr,
+                 PF: tl.constexpr, MMA: tl.constexpr):
+    """The program's rows at kt slices over groups [g_lo, g_hi), then its share of the split-K reduction: the
+    last of the tile's nsplit programs to arrive sums the partials and stores y (y_off: the rows' offsets in y)."""
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
@@ -667,18 +690,17 @@ def _sliced_gemv_cc_kernel(
             yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
                            4, GPI, GPK, WPG, USE_ASM, PF, MMA)
     yv = yv * 16.0
-    y_ptrs = y_ptr + m * stride_ym + row0 + offs_n
+    y_ptrs = y_ptr + y_off
     if SPLIT_K == 1:
         tl.store(y_ptrs, yv.to(tl.float16), mask=n_mask)
     else:
-        tile = m * n_tiles + pid_g
         ws = ws_ptr + tile * (SPLIT_K * BLOCK_N) + tl.arange(0, BLOCK_N)
         tl.store(ws + pid_k * BLOCK_N, yv)
         tl.debug_barrier()  # every thread's partial is written before the counter is released
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # last split of this tile: reduce and reset the counter
+        if arrived == nsplit - 1:  # last split of this tile: reduce and reset the counter
             tot = tl.zeros((BLOCK_N,), tl.float32)
-            for sp in range(SPLIT_K):
+            for sp in range(nsplit):
                 tot += tl.load(ws + sp * BLOCK_N, cache_modifier=".cg")
             tl.store(y_ptrs, tot.to(tl.float16), mask=n_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
@@ -747,6 +769,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     BN, GPI, SK = cfg["BLOCK_N"], cfg.get("GPI", 1), cfg["SPLIT_K"]
     G = K // p0.group_size
     SK = split_count(G, min(SK, triton.cdiv(G, GPI)))
+    SK12 = split_count(G, min(cfg.get("SPLIT_K12", SK), SK))  # splits at k <= 2 (the grid has SK)
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     n_tiles = sum(triton.cdiv(n, BN) for n in Ns)
     ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)
@@ -771,7 +794,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
         xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt,
         Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
-        E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, USE_ASM=use_asm,
+        E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, SPLIT_K12=SK12, USE_ASM=use_asm,
         PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), PDL=pdl,
         NSEG=len(packs), MMA=mma, **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),

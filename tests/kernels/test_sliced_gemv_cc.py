@@ -158,6 +158,21 @@ def test_several_weights_one_launch(Ns, kmat, config):
     run_multi(Ns, 384, 128, kmat, config)
 
 
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=4, SPLIT_K12=2, num_warps=4, PF=1),
+    dict(BLOCK_N=32, GPI=1, SPLIT_K=5, SPLIT_K12=1, num_warps=4, PF=2),  # 5 groups: 5 splits at k >= 3, one below
+])
+def test_fewer_splits_at_small_k(config):
+    """SPLIT_K12: tokens at k <= 2 reduce over fewer splits than the grid has (the rest of the tile's programs do
+    nothing), in the same launch as tokens at k >= 3; the same output as a launch with that split count."""
+    p, x, k, y = run_case(70, 640, 128, [1, 3, 4, 2], config)
+    small = sliced_gemv_cc(x, p, k, config={c: v for c, v in config.items() if c != "SPLIT_K12"}
+                           | dict(SPLIT_K=config["SPLIT_K12"]))
+    lo = k <= 2
+    assert torch.equal(y[lo], small[lo])
+    run_multi((40, 24), 640, 128, [[3, 1], [2, 4]], config)  # the segments of one launch at their own k
+
+
 def test_several_weights_reject_bad_arguments():
     p = pack_slices(*make_weight(16, 128, 128, 1, DEVICE)[:3])
     q = pack_slices(*make_weight(16, 256, 128, 2, DEVICE)[:3])
@@ -338,6 +353,15 @@ def test_gpu_tensor_core_path(N, K, bn, nw, sk, pf, mma):
     for kv in ([1], [2], [3], [4], [3, 1, 4, 2]):
         run_case(N, K, 128, kv, cfg)
     run_case(N, K, 128, [1, 2, 3, 4], cfg, x_scale=1000.0, w_scale=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N,K,sk,sk12", [(28672, 4096, 8, 4), (781, 4096, 3, 1)])
+def test_gpu_fewer_splits_at_small_k(N, K, sk, sk12):
+    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=sk, SPLIT_K12=sk12, num_warps=4, num_stages=1, PF=1, PDL=1, MMA=15)
+    for kv in ([1], [2], [3], [4], [3, 1, 4, 2]):
+        run_case(N, K, 128, kv, cfg)
 
 
 @pytest.mark.gpu
