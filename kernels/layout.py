@@ -4,10 +4,10 @@ The library stores slice e of a weight (N, K) as ``plane_e`` (N, K/4) uint8, fou
 (mobiquant/quant/packing.py). The kernels read the same bytes per slice (2 bits per weight and slice, so a token at
 k slices still costs k planes) but in a layout chosen for the unpacking, converted once when a model moves to CUDA:
 
-    qweight (E, G, N, g/16) int32  word j of row n in group gi of plane e holds the 16 codes k = gi g + 16 j + p,
-                                   p = 0..15, the code of position p at bits [2 s, 2 s + 2) with s = SLOT[p] (a fixed
-                                   permutation below). Group-major: a tile of rows of one group is one contiguous
-                                   block (BLOCK_N x g/4 bytes), as s and z below
+    qweight (E, G, N, g/16) int32  word j of row n in group gi of plane e holds the codes of in-features
+                                   gi g + 16 j + p, p = 0..15, the code of position p at bits [2 s, 2 s + 2) with
+                                   s = SLOT[p] (a fixed permutation below). Group-major: a tile of rows of one
+                                   group is one contiguous block (BLOCK_N x g/4 bytes), as s and z below
     scale   (G, N) fp16          s_1, transposed so that a tile of BLOCK_N rows of one group is one contiguous load
     zero    (G, N) fp16          z_1 (in units of s_1), transposed likewise
 
@@ -19,10 +19,10 @@ every k (see ``_tile.py``). Triton then assembles the 16 values of a word into 1
 tree of ``tl.join`` calls; SLOT is the order that tree produces, computed here by replaying the tree on indices.
 
 Why group-major (``benchmarks/experiments/roofline_batch1.py``, KERNEL_NOTES.md "Tenth session"): a decode program
-reads a tile of rows, one group at a time. Row-major words (N, K/16) put each row's group (32 bytes at g = 128) a whole
-row apart, so every warp load touched 8-16 separate 32-byte sectors; with v8's loads and grid and no arithmetic at all
-that pattern read the LLaMA-3-8B units at 1.5-2.6x the time of the same bytes read contiguously, as slow as the
-kernels themselves. Group-major makes the tile one contiguous block.
+reads a tile of rows one group at a time. With row-major words (N, K/16) each row's group (32 bytes at g = 128) lies a
+whole row from the next row's, so a warp's loads touched as many separate lines as rows. v8's loads alone, with its
+grid and no arithmetic, then took as long as the kernel; in this layout they were 1.3-2.6x faster, and the batch-1
+stack went from 2.20 / 4.39 ms to 1.80 / 2.93 ms at k = 2 / 4 (with two configs retuned; outputs bit-equal).
 
 Only uniform 2-bit slices (``slice_bits == (2,) * E``, E <= 4, the paper's default) have a kernel; other
 configurations keep the library's torch path.

@@ -22,7 +22,7 @@ The pure-torch ``sliced_gemv_ref`` computes the same function from the dense Ŵ_
 
 CUDA graphs: the split-K workspace and counters are allocated on a device's first call (and grown when a larger
 shape needs more); call once per shape before capturing, as any warm-up does. Status on the H100: correct, but at
-17-46 % of copy bandwidth at batch 1, latency-bound in the per-group wgmma chain (benchmarks/KERNEL_NOTES.md). One
+18-52 % of copy bandwidth at batch 1, latency-bound in the per-group wgmma chain (benchmarks/KERNEL_NOTES.md). One
 fp16 token goes to the CUDA-core kernel v7 instead (sliced_gemv_cc.py, via dispatch.sliced_linear).
 """
 

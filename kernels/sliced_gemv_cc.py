@@ -64,11 +64,11 @@ The interpreter path (USE_ASM=False) computes P from the same q values in fp32 (
 and the epilogue there; tests/kernels/test_sliced_gemv_cc.py executes the PTX text itself on the CPU, fp16 rounding
 included).
 
-Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures", "v7 profile", "v8"): 32-layer LLaMA-3-8B stack at
-batch 1, seven launches per layer, 1.798 / 2.378 / 3.530 / 4.719 ms at k = 1..4 with the tuned configs (v8 where
-they switch it on; v7 alone 1.899 / 2.509 / 3.579 / 4.779, v5 3.917 / 4.227 / 4.730 / 5.292), 1.589 / 2.199 / 3.168
-/ 4.383 ms with q/k/v and gate/up as one launch each. Slower than v5 at 4 tokens, so ``dispatch.sliced_linear`` uses
-it for one fp16 token only.
+Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures", "Tenth session"): 32-layer LLaMA-3-8B stack at
+batch 1 in the group-major layout, seven launches per layer, 1.810 / 2.105 / 2.775 / 3.368 ms at k = 1..4 with the
+tuned configs (v8 where they switch it on; v5 3.667 / 3.775 / 4.247 / 4.580), 1.501 / 1.795 / 2.410 / 2.929 ms with
+q/k/v and gate/up as one launch each (43 / 68 / 75 / 81 % of copy bandwidth). Slower than v5 at 4 tokens, so
+``dispatch.sliced_linear`` uses it for one fp16 token only.
 """
 
 from __future__ import annotations

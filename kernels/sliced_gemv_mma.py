@@ -41,9 +41,10 @@ ahead), PDL (programmatic dependent launch, as in v7).
 The interpreter path (USE_ASM=False) computes each output's group dot directly (fp32, no offsets); the PTX texts are
 executed on the CPU, all 32 lanes of a warp with the mma fragments, in tests/kernels/test_sliced_gemv_mma.py.
 
-Status on the H100 (benchmarks/KERNEL_NOTES.md, "Ninth session"): 32-layer LLaMA-3-8B stack, 4 tokens 2.268 / 2.789 /
-3.531 / 4.815 ms at k = 1..4 and 4.814 mixed (v5: 4.087 / 4.383 / 4.854 / 5.428, mixed 11.441; tinygemm int4 3.217);
-16 tokens 3.069 / 3.822 / 4.694 / 5.650, mixed 5.658 (v5 5.422 at k = 4, mixed 11.321; tinygemm 8.415). At one token
+Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures"; group-major layout): 32-layer LLaMA-3-8B stack,
+4 tokens 2.227 / 2.589 / 3.106 / 3.738 ms at k = 1..4 and 3.734 mixed (v5: 3.920 / 3.988 / 4.470 / 4.737, mixed
+10.863; tinygemm int4 3.208); 16 tokens 3.046 / 3.550 / 4.120 / 4.898, mixed 4.906 (v5 4.631 at k = 4, mixed 10.740;
+tinygemm 8.363). At one token
 v7 + v8 (``sliced_gemv_cc``) stay faster, so ``dispatch.sliced_linear`` uses this kernel for 2..16 fp16 tokens.
 """
 
