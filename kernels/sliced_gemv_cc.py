@@ -52,11 +52,10 @@ num_warps, PF (1: prefetch the next iteration's words, scales and zero points in
 two with two register sets, so that no loaded register is copied on the back edge, see ``_cc_loop``), GPK (4 / 2 x GPI
 groups per iteration at k = 1 / 2), PDL (programmatic dependent launch: before ``griddepcontrol.wait`` a program only
 prefetches its plane-1 weights into L2; x, k, y and the split-K workspace are touched after it), MMA, maxnreg. Three
-more options were measured and removed: a bulk L2 prefetch of every plane of the program's rows at its start (slower at
-k = 1, 2; "v7" in KERNEL_NOTES.md; removed with the group-major layout), and (KERNEL_NOTES.md,
-"v7 profile"; code in commit 970f493) x of the next step prefetched (slower except in the fused q/k/v launch alone,
-and slower there, with PF = 2, in the decode chain) and the first step's loads issued before the PDL wait (slower at
-every k).
+more options were measured and removed: a bulk L2 prefetch of every plane of the program's rows at its start (slower
+at k = 1, 2, KERNEL_NOTES.md "v7"; removed with the group-major layout, code in commit 3ab4381); x of the next step
+prefetched (slower except in the fused q/k/v launch alone, and slower there, with PF = 2, in the decode chain); the
+first step's loads issued before the PDL wait (slower at every k; these two: "v7 profile", code in commit 970f493).
 Scales and zero points are loaded as raw 16-bit values and converted where they are used (KERNEL_NOTES.md, "v7
 profile": a conversion next to the load made every prefetch of them wait for its own load).
 
@@ -384,9 +383,10 @@ def _cc_loop(w_row, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
              PF: tl.constexpr):
     """(BN,) fp32 = Σ over groups [g_lo, g_hi) and words of s_1 P + s_1 (2 - z_1 + 2^-(2KS-1)) X (then times 16).
 
-    w_row (BN, 1, 1) pointers to plane 1 of each row, word 0; xi_base: x pair 0 of the token (int32 pointer);
-    s_row/z_row (BN, 1) pointers to group 0 of each row. GPI = groups per iteration: GPI_ at k = 3, 4, and with
-    GPK, 4 GPI_ at k = 1 and 2 GPI_ at k = 2, so that an iteration loads the same bytes at every k.
+    w_row (BN, 1, 1) pointers to plane 1 of each row, group 0, word 0 (group-major: group g at + g N WPG);
+    xi_base: x pair 0 of the token (int32 pointer); s_row/z_row (BN, 1) pointers to group 0 of each row. GPI = groups
+    per iteration: GPI_ at k = 3, 4, and with GPK, 4 GPI_ at k = 1 and 2 GPI_ at k = 2, so that an iteration loads the
+    same bytes at every k.
 
     PF = 1: the next iteration's words, s and z are loaded one iteration ahead into registers. Whether that hides
     anything is ptxas's choice: in the kernel before the "v7 profile" changes (96 registers) it gave the loaded and
