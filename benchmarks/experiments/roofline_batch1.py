@@ -139,11 +139,71 @@ def _xor_group(acc, w, s, z, xs, KS: tl.constexpr):
     return acc ^ (x0 ^ x1 ^ x2 ^ x3 ^ x4 ^ x5 ^ x6 ^ x7 ^ x8 ^ x9 ^ x10 ^ x11 ^ x12 ^ x13 ^ x14 ^ x15)
 
 
+ASM_LDW4 = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
+@triton.jit
+def _ldw4_planes(wp, plane_stride, KS: tl.constexpr):
+    """XOR of the 16-byte loads at wp of the KS planes."""
+    a, b, c, d = tl.inline_asm_elementwise(ASM_LDW4, "=r,=r,=r,=r,l", [wp.to(tl.int64, bitcast=True)],
+                                           dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    acc = a ^ b ^ c ^ d
+    for e in tl.static_range(1, KS):
+        a, b, c, d = tl.inline_asm_elementwise(ASM_LDW4, "=r,=r,=r,=r,l",
+                                               [(wp + e * plane_stride).to(tl.int64, bitcast=True)],
+                                               dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        acc = acc ^ a ^ b ^ c ^ d
+    return acc
+
+
+@triton.jit
+def _read_v8_16(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, N, G, plane_stride, KS: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """``_read_v8`` (one group ahead, group-major) with 16-byte word loads: a lane reads its two rows' 8-byte
+    pieces as one 16-byte load, as a layout that interleaves rows g and g + 8 of each mma tile would allow (a
+    (BLOCK_N / 2, 4) tile of 16-byte pieces; the same bytes per group as v8's (BLOCK_N, 4) tile of 8-byte ones)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    n_c = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)
+    gps = tl.cdiv(G, SPLIT_K)
+    g_lo = pid_k * gps
+    g_hi = tl.minimum(g_lo + gps, G)
+    i_t = tl.arange(0, 4)
+    r = tl.minimum(tl.arange(0, BLOCK_N // 2), (N - n0) // 2 - 1)  # row pairs of the tile (inside the plane)
+    w_ptrs = w_ptr + n0 * 8 + r[:, None] * 16 + i_t[None, :] * 4  # (BN / 2, 4), group 0
+    s_row = (s_ptr + n_c)[:, None]
+    z_row = (z_ptr + n_c)[:, None]
+    xi = x_ptr + i_t * 16
+    acc = tl.zeros((BLOCK_N // 2, 4), tl.int32)
+    acc_sz = tl.zeros((BLOCK_N, 1), tl.int32)
+    acc_x = tl.zeros((1, 4), tl.int32)
+    v = _ldw4_planes(w_ptrs + g_lo * (N * 8), plane_stride, KS)
+    sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, True)
+    for g in range(g_lo, g_hi):
+        w, s, z = v, sv, zv
+        gn = tl.minimum(g + 1, g_hi - 1)
+        v = _ldw4_planes(w_ptrs + gn * (N * 8), plane_stride, KS)
+        sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, True)
+        acc = acc ^ w
+        acc_sz = acc_sz ^ s ^ z
+        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load_x_mma(xi + g * 64, True)
+        acc_x = acc_x ^ (x0 ^ x1 ^ x2 ^ x3 ^ x4 ^ x5 ^ x6 ^ x7 ^ x8 ^ x9 ^ x10 ^ x11 ^ x12 ^ x13 ^ x14 ^ x15)
+    base = out_ptr + (pid_k * tl.num_programs(0) + pid_n) * BLOCK_N * 8
+    tl.store(base + tl.arange(0, BLOCK_N // 2)[:, None] * 4 + i_t[None, :], acc)
+    tl.store(base + BLOCK_N * 2 + tl.arange(0, BLOCK_N)[:, None], acc_sz)
+    tl.store(base + BLOCK_N * 4 + i_t[None, :], acc_x)
+
+
 def read_v8(q, s, z, x, out, k, cfg, depth, layout="row"):
     E, N, W = q.shape
     G = W // 8
     sk = cfg["SPLIT_K"]
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
+    if layout == "group16":
+        _read_v8_16[grid](q, s, z, x, out, N, G, N * W, KS=k, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=sk,
+                          num_warps=cfg["num_warps"])
+        return
     sn, sg = (W, 8) if layout == "row" else (8, N * 8)  # group-major: word (n, g, j) at (g N + n) 8 + j
     _read_v8[grid](q, s, z, x, out, N, G, N * W, sn, sg, KS=k, BLOCK_N=cfg["BLOCK_N"], SPLIT_K=sk, DEPTH=depth,
                    num_warps=cfg["num_warps"])
@@ -215,6 +275,9 @@ def contiguous(res, bw):
 
 
 
+LAYOUTS = [tuple(v.split(":")) for v in os.environ.get(
+    "LAYOUTS", "row:0,row:1,row:2,row:4,group:0,group:2,group16:0").split(",")]  # reader variants: layout, depth
+LAYOUTS = [(lay, int(d)) for lay, d in LAYOUTS]
 FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gu": ("gate", "up"), "down": ("down",)}
 
 
@@ -242,7 +305,7 @@ def pattern(res):
             row["ours_us"] = KB.time_graph(lambda: [sliced_gemv_cc(xin[K], w if len(w) > 1 else w[0],
                                                                    k if len(w) > 1 else k[:, 0], out=y, config=cfg)
                                                     for w in ws]) / 32 * 1e3
-            for layout, depth in (("row", 0), ("row", 1), ("row", 2), ("row", 4), ("group", 0), ("group", 2)):
+            for layout, depth in LAYOUTS:
                 def run():
                     for q, s_, z_ in rd:
                         read_v8(q, s_, z_, xi, out, kk, cfg, depth, layout)
@@ -267,7 +330,7 @@ def main():
         contiguous(res, bw)
     if "pattern" in parts:
         pattern(res)
-    (OUT / "roofline_batch1_h100.json").write_text(json.dumps(res, indent=1))
+    (OUT / os.environ.get("OUT_NAME", "roofline_batch1_h100.json")).write_text(json.dumps(res, indent=1))
 
 if __name__ == "__main__":
     main()
