@@ -160,7 +160,7 @@ def test_several_weights_one_launch(Ns, kmat, config):
 
 @pytest.mark.parametrize("config", [
     dict(BLOCK_N=64, GPI=1, SPLIT_K=4, SPLIT_K12=2, num_warps=4, PF=1),
-    dict(BLOCK_N=32, GPI=1, SPLIT_K=5, SPLIT_K12=1, num_warps=4, PF=2),  # 5 groups: 5 splits at k >= 3, one below
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=5, SPLIT_K12=1, num_warps=4, PF=1),  # 5 groups: 5 splits at k >= 3, one below
 ])
 def test_fewer_splits_at_small_k(config):
     """SPLIT_K12: tokens at k <= 2 reduce over fewer splits than the grid has (the rest of the tile's programs do
