@@ -275,9 +275,8 @@ def contiguous(res, bw):
 
 
 
-LAYOUTS = [tuple(v.split(":")) for v in os.environ.get(
-    "LAYOUTS", "row:0,row:1,row:2,row:4,group:0,group:2,group16:0").split(",")]  # reader variants: layout, depth
-LAYOUTS = [(lay, int(d)) for lay, d in LAYOUTS]
+LAYOUTS = [(v.split(":")[0], int(v.split(":")[1])) for v in os.environ.get(  # reader variants: layout, depth
+    "LAYOUTS", "row:0,row:1,row:2,row:4,group:0,group:2,group16:0").split(",")]
 FUSED = {"qkv": ("q", "k", "v"), "o": ("o",), "gu": ("gate", "up"), "down": ("down",)}
 
 
