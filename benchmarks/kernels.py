@@ -27,10 +27,11 @@ import json
 import platform
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
-from mobiquant.kernels import pack_slices, sliced_gemm, sliced_gemv
+from mobiquant.kernels import dequantize_x_int8, pack_slices, quantize_x_int8, sliced_gemm, sliced_gemv
 from mobiquant.kernels.sliced_gemv import sliced_gemv_ref
 from mobiquant.kernels.sliced_gemv_cc import sliced_gemv_cc
 from mobiquant.kernels.sliced_gemv_mma import sliced_gemv_mma
@@ -112,15 +113,20 @@ def time_graph(run, reps=10, inner=5) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check(packed, M, kvals, dtype, fn=sliced_gemv, **kw):
-    """max |y - ref| / max |ref| and ||y - ref|| / ||ref|| against the fp32 dense reference; NaN-poisoned output."""
+def check(packed, M, kvals, dtype, fn=sliced_gemv, int8_act=False, **kw):
+    """max |y - ref| / max |ref| and ||y - ref|| / ||ref|| against the fp32 dense reference; NaN-poisoned output.
+    int8_act: x quantized per group (``x_int8=``), the reference on the dequantized x (the path's own arithmetic)."""
     N, K = packed.out_features, packed.in_features
     x = torch.randn(M, K, device="cuda").to(dtype)
     k = torch.tensor(kvals, dtype=torch.int32, device="cuda")
     y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    xr = x.float()
+    if int8_act:
+        kw["x_int8"] = quantize_x_int8(x)
+        xr = dequantize_x_int8(*kw["x_int8"])
     fn(x, packed, k, out=y, **kw)
     torch.cuda.synchronize()
-    ref = sliced_gemv_ref(x.float(), packed, k).float()
+    ref = sliced_gemv_ref(xr, packed, k).float()
     err = (y.float() - ref)
     return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item(), bool(torch.isfinite(y).all())
 
@@ -164,11 +170,16 @@ def run_checks(layers, results):
                     log(f"FAIL gemv {name} {dtype} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
             if dtype == torch.float16:  # fp16-only kernels: v7 + v8 (batch 1 every k, 4 tokens mixed), v9 (2..16)
                 fp16_cases = [("gemv_cc", sliced_gemv_cc, [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]),
+                              ("gemv_cc_int8_act", partial(sliced_gemv_cc, int8_act=True),
+                               [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]),
                               ("gemv_mma", sliced_gemv_mma, [(2, [1, 4]), (4, [2] * 4), (4, mixed_k(4)),
                                                              (8, mixed_k(8, 4)), (16, mixed_k(16, 1))])]
                 for kname, fn, cases16 in fp16_cases:
                     for M, kv in cases16:
-                        mx, rel, fin = check(p, M, kv, dtype, fn=fn)
+                        if isinstance(fn, partial):  # the int8-activation option: check() quantizes x
+                            mx, rel, fin = check(p, M, kv, dtype, fn=fn.func, **fn.keywords)
+                        else:
+                            mx, rel, fin = check(p, M, kv, dtype, fn=fn)
                         worst = max(worst, rel)
                         ok = fin and mx < 2e-3
                         results["checks"].append(dict(kernel=kname, shape=name, dtype=str(dtype), M=M, k=kv,
@@ -254,6 +265,23 @@ def decode_stack(layers, results, batches, bw, quick=False):
                         sliced_gemv_cc(xin[4096], [L["gate"]["ours"], L["up"]["ours"]], k2, out=y_gu)
                         sliced_gemv_cc(xin[14336], L["down"]["ours"], k, out=outs["down"])
                 add_row("sliced_gemv_cc_fused", "v7 cc fused qkv/gu", time_graph(run_fused))
+                # the option with int8 activations (x_int8=): x quantized per group before the graph, as a producer
+                # kernel that also writes int8 would leave it; then with the quantizer launched before each unit
+                x8 = {K: quantize_x_int8(v) for K, v in xin.items()}
+
+                def run_fused_a8(quantize):
+                    def run():
+                        for L in layers:
+                            for K, ws, kk, y in ((4096, ("q", "k", "v"), k3, y_qkv), (4096, ("o",), k, outs["o"]),
+                                                 (4096, ("gate", "up"), k2, y_gu), (14336, ("down",), k, outs["down"])):
+                                if quantize:
+                                    quantize_x_int8(xin[K], out=x8[K])
+                                w = [L[n]["ours"] for n in ws] if len(ws) > 1 else L[ws[0]]["ours"]
+                                sliced_gemv_cc(xin[K], w, kk, out=y, x_int8=x8[K])
+                    return run
+
+                add_row("sliced_gemv_cc_fused_int8_act", "v10 int8-act fused", time_graph(run_fused_a8(False)))
+                add_row("sliced_gemv_cc_fused_int8_act_quantizer", "v10 + quantizer   ", time_graph(run_fused_a8(True)))
 
 
 def prefill(layers, results, M=2048, n_layers=2):

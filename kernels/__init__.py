@@ -9,7 +9,9 @@ Files (one per concept, house style §3.8):
     _tile.py        shared Triton pieces: PTX unpacking of k planes into BIAS + Q_k, the per-group loop
     sliced_gemv.py  decode kernel v5 (1..16 tokens, tensor cores, split-K) + launcher + torch reference
     sliced_gemv_cc.py  decode kernel v7 (1..4 fp16 tokens, CUDA cores, fp16x2 math); dispatch uses it at 1 token;
-                    takes up to 3 weights of one input in one launch (and the v8 tensor-core path)
+                    takes up to 3 weights of one input in one launch (and the v8 tensor-core path; with x_int8,
+                    the int8 tensor-core path)
+    act_int8.py     per-group int8 activations for that option (quantizer kernel + torch reference)
     sliced_gemv_mma.py decode kernel v9 (1..16 fp16 tokens, one plane at a time on the tensor cores for all tokens);
                     dispatch uses it at 2..16 tokens
     sliced_gemm.py  prefill kernel (token permutation by slice count) + launcher + torch reference
@@ -34,6 +36,7 @@ except ImportError:  # pragma: no cover - CPU installs without the [gpu] extra
     HAS_TRITON = False
 
 if HAS_TRITON:
+    from .act_int8 import dequantize_x_int8, quantize_x_int8, quantize_x_int8_ref
     from .dispatch import sliced_linear, sliced_linear_ref
     from .sliced_gemm import sliced_gemm, sliced_gemm_ref
     from .sliced_gemv import sliced_gemv, sliced_gemv_ref
@@ -43,5 +46,5 @@ if HAS_TRITON:
 __all__ = [
     "HAS_TRITON", "PackedSlices", "pack_slices", "unpack_slices", "unpack_codes", "dense_weight", "from_linear",
     "sliced_linear", "sliced_linear_ref", "sliced_gemv", "sliced_gemv_ref", "sliced_gemv_cc", "sliced_gemv_mma",
-    "sliced_gemm", "sliced_gemm_ref",
+    "sliced_gemm", "sliced_gemm_ref", "quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8",
 ]

@@ -169,6 +169,55 @@ def asm_mma_text(ks: int) -> str:
     return "\n".join(L)
 
 
+# int8 path: per k, how the four byte registers R_j of a word are scaled (R_j holds 2^(2j) Q at k = 1, 16 Q at k = 2
+# for j >= 2; the combination Σ_j MUL8[k][j] D_j = DEN8[k] Σ x Q undoes it in integers)
+MUL8 = {1: (64, 16, 4, 1), 2: (16, 16, 1, 1), 3: (1, 1, 1, 1), 4: (1, 1, 1, 1)}
+DEN8 = {1: 64, 2: 16, 3: 1, 4: 1}
+
+
+def q_bytes_ptx(ks: int, words: list[str], out: str) -> list[str]:
+    """PTX: the k plane words ``words`` (plane 1 first) -> four registers ``out``0..3 whose byte b holds Q_k of slot
+    4 b + j (register j), times 4^j at k = 1 (the masks need no shift) and times 16 for j >= 2 at k = 2 (the high
+    nibbles left in place): unsigned, at most 255. Needs t, u0..u3 declared."""
+    if ks == 1:
+        return [f"and.b32 {out}{j}, {words[0]}, {hex(0x03030303 << 2 * j)};" for j in range(4)]
+    L, _ = merge_planes_ptx(ks, words)
+    if ks == 2:  # nibble n of u_m = Q_2 of slot 2 n + m: low nibbles slots 4 b + m, high nibbles 4 b + 2 + m
+        return L + [f"and.b32 {out}{j}, u{j % 2}, {'0x0F0F0F0F' if j < 2 else '0xF0F0F0F0'};" for j in range(4)]
+    return L + [f"mov.b32 {out}{j}, u{j};" for j in range(4)]  # byte b of u_m = Q_k of slot 4 b + m
+
+
+def asm_mma8_text(ks: int) -> str:
+    """PTX for the int8 tensor-core path (pack = 2; mma.sync m16n8k32 u8 x s8 -> s32, exact integer sums).
+
+    Operands as ``asm_mma_text`` for the words ($0, $1 = outputs of rows e0, e1; plane e: $(2 + 4e) e0 chunk a,
+    $(3 + 4e) e1 a, $(4 + 4e) e0 b, $(5 + 4e) e1 b, chunks a = 2t, b = 2t + 1); then the activations: int32 word j
+    of chunk a at $(2 + 4ks + 2j), of chunk b at $(2 + 4ks + 2(4 + j)) (twice each, equal; act_int8's byte order:
+    byte b of word j = slot 4 b + j). mma j takes A = {R_j(e0, a), R_j(e1, a), R_j(e0, b), R_j(e1, b)} (rows g, g + 8;
+    columns 4t..4t+3 = chunk a, 16 + 4t.. = chunk b, the bytes of slots 4 b + j) and B = {X_j(a), X_j(b)}, the same
+    in every column; four independent accumulators D_j. Since every column of B is the same token, D row g is the
+    whole group's sum in every lane of the quad: each lane returns DEN8[k] Σ x Q of rows e0, e1 (as fp32, exact:
+    |Σ| < 2^24)."""
+    L = ["{", ".reg .b32 t, u0, u1, u2, u3, z, s, v;"]
+    L += [".reg .b32 " + ", ".join(f"r{w}{j}" for j in range(4)) + ";" for w in "abcd"]
+    L += [".reg .b32 " + ", ".join(f"d{j}{i}" for i in range(4)) + ";" for j in range(4)]
+    for w, off in zip("abcd", (2, 3, 4, 5)):  # a: (e0, chunk a), b: (e1, a), c: (e0, chunk b), d: (e1, b)
+        L += q_bytes_ptx(ks, [f"${off + 4 * e}" for e in range(ks)], f"r{w}")
+    L.append("mov.b32 z, 0;")
+    x0 = 2 + 4 * ks
+    for j in range(4):
+        L.append(f"mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {{d{j}0, d{j}1, d{j}2, d{j}3}}, "
+                 f"{{ra{j}, rb{j}, rc{j}, rd{j}}}, {{${x0 + 2 * j}, ${x0 + 2 * (4 + j)}}}, {{z, z, z, z}};")
+    mul = MUL8[ks]
+    for out, i in (("$0", 0), ("$1", 2)):  # c0: row g, c2: row g + 8
+        L.append(f"mov.b32 s, d3{i};" if mul[3] == 1 else f"mul.lo.s32 s, d3{i}, {mul[3]};")
+        for j in (2, 1, 0):
+            L.append(f"add.s32 s, s, d{j}{i};" if mul[j] == 1 else f"mad.lo.s32 s, d{j}{i}, {mul[j]}, s;")
+        L.append(f"cvt.rn.f32.s32 {out}, s;")
+    L.append("}")
+    return "\n".join(L)
+
+
 def asm_xsum_text() -> str:
     """PTX: x pairs $1..$8 -> $0 = Σ x / 16 (fp16x2 accumulation, then fp32)."""
     L = ["{", ".reg .b32 a, c;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;", f"mov.b32 c, {_h2(1 / 16)};"]
@@ -199,6 +248,14 @@ MMA_CONS_2 = tl.constexpr("=r,=r" + ",r" * 40)
 MMA_CONS_3 = tl.constexpr("=r,=r" + ",r" * 44)
 MMA_CONS_4 = tl.constexpr("=r,=r" + ",r" * 48)
 XSUM_CONS = tl.constexpr("=r" + ",r" * 8)
+ASM_MMA8_1 = tl.constexpr(asm_mma8_text(1))
+ASM_MMA8_2 = tl.constexpr(asm_mma8_text(2))
+ASM_MMA8_3 = tl.constexpr(asm_mma8_text(3))
+ASM_MMA8_4 = tl.constexpr(asm_mma8_text(4))
+MMA8_CONS_1 = tl.constexpr("=r,=r" + ",r" * 20)
+MMA8_CONS_2 = tl.constexpr("=r,=r" + ",r" * 24)
+MMA8_CONS_3 = tl.constexpr("=r,=r" + ",r" * 28)
+MMA8_CONS_4 = tl.constexpr("=r,=r" + ",r" * 32)
 ASM_LDX = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$8];\nld.global.nc.v4.b32 {$4, $5, $6, $7}, [$8 + 16];")
 LDX_CONS = tl.constexpr("=r," * 8 + "l")
 I32X8 = tl.constexpr((tl.int32,) * 8)
@@ -559,11 +616,114 @@ def _mma_loop(w_rowc, xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl
 
 
 @triton.jit
-def _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
+def _byte_dot(w0, w1, w2, w3, xw0, xw1, xw2, xw3, KS: tl.constexpr):
+    """Interpreter: Σ Q_k x over one word (16 in-features) from the plane words and the int8 activation words."""
+    P = tl.zeros(w0.shape, tl.int32)
+    for j in tl.static_range(4):
+        R = (w0 >> (2 * j)) & 0x03030303  # byte b: code of slot 4 b + j (plane 1)
+        if KS > 1:
+            R = (R << 2) | ((w1 >> (2 * j)) & 0x03030303)
+        if KS > 2:
+            R = (R << 2) | ((w2 >> (2 * j)) & 0x03030303)
+        if KS > 3:
+            R = (R << 2) | ((w3 >> (2 * j)) & 0x03030303)
+        X = xw0 if j == 0 else (xw1 if j == 1 else (xw2 if j == 2 else xw3))
+        for b in tl.static_range(4):
+            P += ((R >> (8 * b)) & 0xFF) * ((X << (24 - 8 * b)) >> 24)  # unsigned code x signed activation
+    return P
+
+
+@triton.jit
+def _mma8_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """(BN, 4) fp32: per element (row, t) 4 DEN8[KS] times a share of the row's Σ x Q over the group (the sum over
+    t is 4 DEN8 Σ x Q): PTX ``asm_mma8_text`` returns the whole sum in each of the quad's lanes; the interpreter
+    the element's own two words, times 4."""
+    xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3 = xs
+    if USE_ASM:
+        xl = [xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3]
+        if KS == 1:
+            P = tl.inline_asm_elementwise(ASM_MMA8_1, MMA8_CONS_1, [wa0, wb0] + xl, dtype=tl.float32, is_pure=True,
+                                          pack=2)
+        elif KS == 2:
+            P = tl.inline_asm_elementwise(ASM_MMA8_2, MMA8_CONS_2, [wa0, wb0, wa1, wb1] + xl, dtype=tl.float32,
+                                          is_pure=True, pack=2)
+        elif KS == 3:
+            P = tl.inline_asm_elementwise(ASM_MMA8_3, MMA8_CONS_3, [wa0, wb0, wa1, wb1, wa2, wb2] + xl,
+                                          dtype=tl.float32, is_pure=True, pack=2)
+        else:
+            P = tl.inline_asm_elementwise(ASM_MMA8_4, MMA8_CONS_4, [wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3] + xl,
+                                          dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        D = _byte_dot(wa0, wa1, wa2, wa3, xa0, xa1, xa2, xa3, KS) + _byte_dot(wb0, wb1, wb2, wb3, xb0, xb1, xb2, xb3,
+                                                                              KS)
+        P = D.to(tl.float32) * (4.0 * (64.0 if KS == 1 else (16.0 if KS == 2 else 1.0)))
+    return P
+
+
+@triton.jit
+def _load_x8(xp, USE_ASM: tl.constexpr):
+    """The 8 int32 activation words (1, 4) of chunks 2t, 2t + 1 (xp (4,): word 0 of chunk 2t; 32 bytes)."""
+    if USE_ASM:
+        x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
+            ASM_LDX, LDX_CONS, [xp.to(tl.int64, bitcast=True)], dtype=I32X8, is_pure=True, pack=1)
+    else:
+        x0, x1, x2, x3 = tl.load(xp), tl.load(xp + 1), tl.load(xp + 2), tl.load(xp + 3)
+        x4, x5, x6, x7 = tl.load(xp + 4), tl.load(xp + 5), tl.load(xp + 6), tl.load(xp + 7)
+    return (x0[None, :], x1[None, :], x2[None, :], x3[None, :], x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+
+
+@triton.jit
+def _mma8_loop(w_rowc, xq_base, xs_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
+               USE_ASM: tl.constexpr, PF: tl.constexpr):
+    """``_mma_loop`` with int8 activations (act_int8.py; group 128): (BN,) fp32 = Σ over groups [g_lo, g_hi) of
+    s_1 sx 4^-(k-1) (Σ xq Q_k - (4^(k-1) z_1 - 1/2) SX), divided by 16 (the caller's final factor), one group per
+    step on mma.sync m16n8k32 (``asm_mma8_text``). Same tile, layout and prefetch as ``_mma_loop``; xq_base: the
+    token's int32 activation words, xs_base: its (sx, SX) per group."""
+    SH: tl.constexpr = 4.0 ** (KS - 1)
+    DEN: tl.constexpr = 64.0 if KS == 1 else (16.0 if KS == 2 else 1.0)
+    BN: tl.constexpr = w_rowc.shape[0]
+    i_t = tl.arange(0, 4)
+    w_ptrs = w_rowc + i_t[None, :] * 2  # (BN, 4): chunk 2t of group 0
+    GS = N * 8  # group-major words: group g at w_ptrs + g GS
+    xq_ptrs = xq_base + i_t * 8  # (4,): word 0 of chunk 2t (4 words of int8 per 16 in-features)
+    acc = tl.zeros((BN, 4), tl.float32)
+    if PF:  # with PF the activations (from L2: every program reads them) are prefetched one group ahead as well
+        v = _load_words_mma(w_ptrs + g_lo * GS, plane_stride, KS, USE_ASM)
+        sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
+        xv = _load_x8(xq_ptrs + g_lo * 32, USE_ASM)
+        sxv, SXv = tl.load(xs_base + 2 * g_lo), tl.load(xs_base + 2 * g_lo + 1)
+    for g in range(g_lo, g_hi):
+        if PF:
+            w, s, z, xs, sx, SX = v, sv, zv, xv, sxv, SXv
+            gn = tl.minimum(g + 1, g_hi - 1)
+            v = _load_words_mma(w_ptrs + gn * GS, plane_stride, KS, USE_ASM)
+            sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, USE_ASM)
+            xv = _load_x8(xq_ptrs + gn * 32, USE_ASM)
+            sxv, SXv = tl.load(xs_base + 2 * gn), tl.load(xs_base + 2 * gn + 1)
+        else:
+            w = _load_words_mma(w_ptrs + g * GS, plane_stride, KS, USE_ASM)
+            s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
+            xs = _load_x8(xq_ptrs + g * 32, USE_ASM)
+            sx, SX = tl.load(xs_base + 2 * g), tl.load(xs_base + 2 * g + 1)
+        wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
+        sx = sx * (1.0 / (SH * DEN * 64.0))  # 1/16 (caller), 1/4 (the quad's copies)
+        SX = SX * DEN
+        P = _mma8_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS, USE_ASM)  # (BN, 4)
+        cz = _f16_bits_to_f32(z, USE_ASM) * SH - 0.5  # (BN, 1)
+        acc += (_f16_bits_to_f32(s, USE_ASM) * sx) * (P - cz * SX)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
               GPI: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr, PF: tl.constexpr,
-              MMA: tl.constexpr):
-    """(BN,) the rows' sums before the final factor 16: on the tensor cores if bit KS - 1 of MMA is set, else on
-    the CUDA cores (the tile, split-K and prefetch are the launch's, for both)."""
+              MMA: tl.constexpr, A8: tl.constexpr):
+    """(BN,) the rows' sums before the final factor 16: with int8 activations (A8) on the int8 tensor cores, else
+    on the fp16 tensor cores if bit KS - 1 of MMA is set, else on the CUDA cores (the tile, split-K and prefetch
+    are the launch's, for all three)."""
+    if A8:
+        return _mma8_loop(w_row1[:, None], xi_base, xs_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS, USE_ASM,
+                          PF)
     if (MMA >> (KS - 1)) & 1:
         return _mma_loop(w_row1[:, None], xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS, USE_ASM, PF)
     return _cc_loop(w_row, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, KS, GPI, GPK, WPG, USE_ASM,
@@ -572,7 +732,7 @@ def _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane
 
 @triton.jit
 def _sliced_gemv_cc_kernel(
-    x_ptr, y_ptr, k_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr,
+    x_ptr, y_ptr, k_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr, xs_ptr,
     N, G, stride_xm, stride_ym, plane_stride,
     w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
     rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
@@ -580,9 +740,10 @@ def _sliced_gemv_cc_kernel(
     SPLIT_K12: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
-    RSPLIT: tl.constexpr, MMA: tl.constexpr,
+    RSPLIT: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr,
 ):
-    """x_ptr: x as int32 pairs (M, K/2); stride_xm in int32 units.
+    """x_ptr: x as int32 pairs (M, K/2), or with A8 the int8 activation words (M, K/4) and xs_ptr their (sx, SX)
+    (M, G, 2) (act_int8.py); stride_xm in int32 units.
 
     NSEG > 1: up to three weights of one input (w, w1, w2 with N, N1, N2 rows) in one launch, their outputs side by
     side in y (M, N + N1 + N2); the n-tiles of weight s follow those of the weights before it, and token m of weight
@@ -661,34 +822,34 @@ def _sliced_gemv_cc_kernel(
     else:
         nsplit = SPLIT_K
     if pid_k < nsplit:
-        _finish_tile(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, kt, y_ptr, ws_ptr,
-                     cnt_ptr, m * stride_ym + row0 + offs_n, m * n_tiles + pid_g, pid_k, nsplit, E, BLOCK_N, GPI,
-                     SPLIT_K, GPK, WPG, USE_ASM, PF, MMA)
+        _finish_tile(w_row, w_row1, xi_base, xs_ptr + m * G * 2, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
+                     kt, y_ptr, ws_ptr, cnt_ptr, m * stride_ym + row0 + offs_n, m * n_tiles + pid_g, pid_k, nsplit, E,
+                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8)
 
 
 @triton.jit
-def _finish_tile(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, kt, y_ptr, ws_ptr,
-                 cnt_ptr, y_off, tile, pid_k, nsplit, E: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
-                 SPLIT_K: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr,
-                 PF: tl.constexpr, MMA: tl.constexpr):
+def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, kt, y_ptr,
+                 ws_ptr, cnt_ptr, y_off, tile, pid_k, nsplit, E: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GPI: tl.constexpr, SPLIT_K: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr,
+                 USE_ASM: tl.constexpr, PF: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr):
     """The program's rows at kt slices over groups [g_lo, g_hi), then its share of the split-K reduction: the
     last of the tile's nsplit programs to arrive sums the partials and stores y (y_off: the rows' offsets in y)."""
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
-        yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
-                       1, GPI, GPK, WPG, USE_ASM, PF, MMA)
+        yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
+                       plane_stride, 1, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
     elif kt == 2:
         if E >= 2:
-            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
-                           2, GPI, GPK, WPG, USE_ASM, PF, MMA)
+            yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
+                           plane_stride, 2, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
     elif kt == 3:
         if E >= 3:
-            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
-                           3, GPI, GPK, WPG, USE_ASM, PF, MMA)
+            yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
+                           plane_stride, 3, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
     else:
         if E >= 4:
-            yv = _row_dots(w_row, w_row1, xi_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
-                           4, GPI, GPK, WPG, USE_ASM, PF, MMA)
+            yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
+                           plane_stride, 4, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
     yv = yv * 16.0
     y_ptrs = y_ptr + y_off
     if SPLIT_K == 1:
@@ -727,7 +888,8 @@ def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
 
 def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k: torch.Tensor | None,
                    out: torch.Tensor | None = None, config: dict | None = None,
-                   use_asm: bool | None = None, route: RoutePlan | None = None) -> torch.Tensor:
+                   use_asm: bool | None = None, route: RoutePlan | None = None,
+                   x_int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32.
 
     ``packed`` may also be a list of 2 or 3 weights of the same input (q/k/v, gate/up: same K, slices and group
@@ -737,6 +899,11 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     ``route`` (one token; k is then ignored, None allowed): the counts come from the router launch before this one
     (``router.route_partials``), weight s from router route.r_off + s; each is finished in the kernel and stored
     in route.out.
+
+    ``x_int8`` (an option that changes the numerics): x quantized per group by ``act_int8.quantize_x_int8(x)``,
+    (xq (M, K/4) int32, xs (M, G, 2) fp32); every slice count then runs on the int8 tensor cores (``_mma8_loop``)
+    and x itself is only checked, not read. Needs groups of 128 and BLOCK_N a multiple of 16 x num_warps. Tuned
+    configs: ``sliced_gemv_cc_a8:...`` entries where the int8 path wants another tile, else the fp16 path's.
     """
     packs = list(packed) if isinstance(packed, (list, tuple)) else [packed]
     p0 = packs[0]
@@ -765,7 +932,8 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     if x.dtype != torch.float16:
         raise TypeError(f"sliced_gemv_cc takes fp16 x, got {x.dtype} (use sliced_gemv)")
     use_asm = (not _interpret()) if use_asm is None else use_asm
-    cfg = config or lookup("sliced_gemv_cc", M, N, K) or default_config_cc(M, N, K, p0.group_size)
+    cfg = (config or (x_int8 is not None and lookup("sliced_gemv_cc_a8", M, N, K)) or lookup("sliced_gemv_cc", M, N, K)
+           or default_config_cc(M, N, K, p0.group_size))
     BN, GPI, SK = cfg["BLOCK_N"], cfg.get("GPI", 1), cfg["SPLIT_K"]
     G = K // p0.group_size
     SK = split_count(G, min(SK, triton.cdiv(G, GPI)))
@@ -780,6 +948,18 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     mma = int(cfg.get("MMA", 0)) & ((1 << p0.num_slices) - 1)
     if p0.group_size != 128 or BN % (16 * cfg.get("num_warps", 4)):
         mma = 0
+    xs = ws  # a placeholder pointer where x is fp16
+    if x_int8 is not None:
+        xq, xs = x_int8
+        if p0.group_size != 128 or BN % (16 * cfg.get("num_warps", 4)):
+            raise ValueError(f"int8 activations need groups of 128 and BLOCK_N a multiple of 16 x num_warps, got "
+                             f"group {p0.group_size}, BLOCK_N {BN}, {cfg.get('num_warps', 4)} warps")
+        if (xq.shape != (M, K // 4) or xq.dtype != torch.int32 or xs.shape != (M, G, 2) or xs.dtype != torch.float32
+                or not (xq.is_contiguous() and xs.is_contiguous()) or xq.device != x.device):
+            raise ValueError(f"x_int8 must be (xq ({M}, {K // 4}) int32, xs ({M}, {G}, 2) fp32), contiguous, on "
+                             f"{x.device} (act_int8.quantize_x_int8), got {tuple(xq.shape)} {xq.dtype}, "
+                             f"{tuple(xs.shape)} {xs.dtype}")
+        xi = xq
     rest = []  # weights 2 and 3 (the first one's tensors and N = 0 where absent)
     for i in (1, 2):
         p = packs[i] if i < len(packs) else p0
@@ -792,11 +972,11 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         rargs = [k] * 10 + [0]
         rconst = dict(ROUTE=False, RH=1, REM1=1, RHP=2, RSPLIT=1)
     _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
-        xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt,
+        xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt, xs,
         Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, SPLIT_K12=SK12, USE_ASM=use_asm,
         PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), PDL=pdl,
-        NSEG=len(packs), MMA=mma, **rconst,
+        NSEG=len(packs), MMA=mma, A8=x_int8 is not None, **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),
@@ -804,4 +984,4 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     return y
 
 
-__all__ = ["sliced_gemv_cc", "default_config_cc", "MAX_TOKENS_CC", "asm_cc_text", "asm_xsum_text"]
+__all__ = ["sliced_gemv_cc", "default_config_cc", "MAX_TOKENS_CC", "asm_cc_text", "asm_xsum_text", "asm_mma8_text"]

@@ -105,8 +105,21 @@ def _exec_line(line, regs):
         regs[a[0]] = float(np.float32(v[0]) + np.float32(v[1]))
     elif op == "mul.f32":
         regs[a[0]] = float(np.float32(v[0]) * np.float32(v[1]))
+    elif op == "add.s32":
+        regs[a[0]] = (v[0] + v[1]) & M32
+    elif op == "mul.lo.s32":
+        regs[a[0]] = (v[0] * v[1]) & M32
+    elif op == "mad.lo.s32":
+        regs[a[0]] = (v[0] * v[1] + v[2]) & M32
+    elif op == "cvt.rn.f32.s32":
+        regs[a[0]] = float(np.float32(_s32(v[0])))
     else:
         raise AssertionError(f"unexpected PTX op {op}")
+
+
+def _s32(v):
+    """A 32-bit register's bits as a signed integer."""
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def _lines(text):
@@ -152,13 +165,45 @@ def _mma_m16n8k16(line, lanes):
             regs[r] = float(v)
 
 
+def _mma_m16n8k32_u8s8(line, lanes):
+    """``mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {d}, {a}, {b}, {c}`` across the 32 lanes (PTX ISA fragment
+    layouts for 8-bit integers; lane 4 g + t, byte i of a register = element i): a0 = A[g][4t..4t+3],
+    a1 = A[g+8][4t..], a2 = A[g][16+4t..], a3 = A[g+8][16+4t..] (unsigned); b0 = B[4t..4t+3][g], b1 = B[16+4t..][g]
+    (signed); c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][..]. Exact integer sums, wrapped to 32 bits."""
+    groups = [[t.strip() for t in grp.strip(" {}").split(",")] for grp in line.split(None, 1)[1].split("},")]
+    d, a, b, c = groups
+    A = np.zeros((16, 32), dtype=np.int64)
+    B = np.zeros((32, 8), dtype=np.int64)
+    C = np.zeros((16, 8), dtype=np.int64)
+
+    def u8(r):
+        return [(r >> (8 * i)) & 0xFF for i in range(4)]
+
+    for lane, regs in enumerate(lanes):
+        g, t = divmod(lane, 4)
+        ra = [u8(_val(regs, r)) for r in a]
+        A[g, 4 * t:4 * t + 4], A[g + 8, 4 * t:4 * t + 4] = ra[0], ra[1]
+        A[g, 16 + 4 * t:20 + 4 * t], A[g + 8, 16 + 4 * t:20 + 4 * t] = ra[2], ra[3]
+        rb = [[v - 256 if v >= 128 else v for v in u8(_val(regs, r))] for r in b]
+        B[4 * t:4 * t + 4, g], B[16 + 4 * t:20 + 4 * t, g] = rb[0], rb[1]
+        cv = [_s32(_val(regs, r)) for r in c]
+        C[g, 2 * t:2 * t + 2], C[g + 8, 2 * t:2 * t + 2] = cv[:2], cv[2:]
+    D = A @ B + C
+    for lane, regs in enumerate(lanes):
+        g, t = divmod(lane, 4)
+        for r, v in zip(d, (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])):
+            regs[r] = int(v) & M32
+
+
 def run_ptx_warp(text, lanes):
     """``run_ptx`` for the 32 lanes of a warp in lock step (``lanes``: 32 register dicts), with mma.sync m16n8k16
-    taking its fragments from every lane. Returns the 32 dicts."""
+    (fp16) and m16n8k32 (u8 x s8) taking their fragments from every lane. Returns the 32 dicts."""
     assert len(lanes) == 32
     lanes = [dict(r) for r in lanes]
     for line in _lines(text):
-        if line.startswith("mma.sync"):
+        if line.startswith("mma.sync") and ".m16n8k32." in line:
+            _mma_m16n8k32_u8s8(line, lanes)
+        elif line.startswith("mma.sync"):
             _mma_m16n8k16(line, lanes)
         else:
             for regs in lanes:

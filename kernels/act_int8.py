@@ -1,0 +1,110 @@
+"""Per-group int8 activations for the int8 tensor-core decode path (``sliced_gemv_cc(..., x_int8=...)``).
+
+An option, not the default: it changes the numerics (x is rounded to 8 bits per group of the weights' group size;
+the weights are exact as before). What it buys: the 2-bit codes go to mma.sync m16n8k32 (u8 x s8 -> s32) as bytes,
+one AND per four weights at k = 1, instead of the fp16 conversion (LOP3 + HFMA2 per two weights) of v8.
+
+Per token m and group gi of g in-features (g = 128):
+
+    sx[m, gi] = max |x| / 127          xq = floor(x / sx + 1/2), clamped to [-127, 127] (int8)
+    SX[m, gi] = Σ xq over the group    (exact integer, stored as fp32: the zero point's term, s_k z_k sx SX)
+
+Byte order of xq (M, K) int8, read as (M, K/4) int32: the word of 16 in-features at 16 c (chunk c) keeps its bytes
+in the order of the weight words' bit slots (layout.SLOT): int32 word j of the chunk holds, in byte b, the activation
+of slot 4 b + j, which is the byte the kernel's ``w >> 2 j & 0x03030303`` (k = 1, and the same per slot at every k)
+puts the code of in. So an mma's A (codes) and B (activations) registers pair the same in-features.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import CODES_PER_WORD, SLOT
+
+QMAX = 127
+_TINY = 1e-30  # an all-zero group: sx = 1e-30 / 127, xq = 0
+_QMAX_F = tl.constexpr(float(QMAX))  # the same two, as the kernel can read them
+_TINY_F = tl.constexpr(_TINY)
+
+# XPERM[d] = position (0..15 in the chunk) whose activation goes to byte d = 4 j + b of the chunk: slot 4 b + j
+_POS_OF_SLOT = {s: p for p, s in enumerate(SLOT)}
+XPERM = [_POS_OF_SLOT[4 * (d % 4) + d // 4] for d in range(CODES_PER_WORD)]
+XDEST = [XPERM.index(p) for p in range(CODES_PER_WORD)]  # the inverse: byte of position p
+
+
+def _check(x: torch.Tensor, group_size: int) -> tuple[int, int]:
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be (M, K) fp16 / bf16 / fp32, got {tuple(x.shape)} {x.dtype}")
+    M, K = x.shape
+    if group_size < CODES_PER_WORD or group_size & (group_size - 1) or K % group_size:
+        raise ValueError(f"K={K} must be a multiple of the group size {group_size} (a power of 2, at least 16)")
+    return M, K
+
+
+def quantize_x_int8_ref(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``quantize_x_int8``: (xq (M, K/4) int32 in the kernel's byte order, xs (M, G, 2) fp32
+    = (sx, SX) per group)."""
+    M, K = _check(x, group_size)
+    xg = x.float().reshape(M, K // group_size, group_size)
+    amax = xg.abs().amax(-1, keepdim=True).clamp_min(_TINY)  # (M, G, 1)
+    q = torch.floor(xg * (QMAX / amax) + 0.5).clamp(-QMAX, QMAX)  # (M, G, g)
+    xs = torch.cat([amax / QMAX, q.sum(-1, keepdim=True)], -1)  # (M, G, 2)
+    perm = torch.tensor(XPERM, device=x.device)
+    xq = q.reshape(M, K // CODES_PER_WORD, CODES_PER_WORD)[..., perm].to(torch.int8).reshape(M, K)
+    return xq.view(torch.int32), xs.contiguous()
+
+
+def dequantize_x_int8(xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """(M, K) fp32 = sx xq in the in-features' own order: what the int8 path multiplies the weights with."""
+    M = xq.shape[0]
+    G = xs.shape[1]
+    q = xq.contiguous().view(torch.int8).float()  # (M, K)
+    K = q.shape[1]
+    q = q.reshape(M, K // CODES_PER_WORD, CODES_PER_WORD)[..., torch.tensor(XDEST, device=q.device)]
+    return (q.reshape(M, G, K // G) * xs[..., :1]).reshape(M, K)
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, dest_ptr, K, G, stride_xm, GROUP: tl.constexpr):
+    """One program per (token, group): amax, int8 codes in the kernel's byte order, (sx, SX)."""
+    m = tl.program_id(0)
+    gi = tl.program_id(1)
+    offs = tl.arange(0, GROUP)
+    x = tl.load(x_ptr + m * stride_xm + gi * GROUP + offs).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), _TINY_F)
+    q = tl.floor(x * tl.math.div_rn(_QMAX_F, amax) + 0.5)
+    q = tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)
+    d = tl.load(dest_ptr + offs % 16)  # byte of position offs within its 16-feature chunk
+    tl.store(q_ptr + m * K + gi * GROUP + (offs // 16) * 16 + d, q.to(tl.int8))
+    tl.store(s_ptr + (m * G + gi) * 2, tl.math.div_rn(amax, _QMAX_F))
+    tl.store(s_ptr + (m * G + gi) * 2 + 1, tl.sum(q, axis=0))
+
+
+_DEST: dict[torch.device, torch.Tensor] = {}
+
+
+def quantize_x_int8(x: torch.Tensor, group_size: int = 128, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (xq (M, K/4) int32, xs (M, G, 2) fp32) for ``sliced_gemv_cc(..., x_int8=)`` (one launch, grid
+    (M, G)). ``out``: preallocated (xq, xs), e.g. inside a CUDA graph. Rounding: floor(x 127 / amax + 1/2); a CUDA
+    build may fuse the multiply and add, so a code can differ by one from ``quantize_x_int8_ref`` at a tie."""
+    M, K = _check(x, group_size)
+    G = K // group_size
+    if out is None:
+        xq = torch.empty((M, K // 4), dtype=torch.int32, device=x.device)
+        xs = torch.empty((M, G, 2), dtype=torch.float32, device=x.device)
+    else:
+        xq, xs = out
+        if xq.shape != (M, K // 4) or xq.dtype != torch.int32 or xs.shape != (M, G, 2) or xs.dtype != torch.float32:
+            raise ValueError(f"out must be ((M, K/4) int32, (M, G, 2) fp32) = (({M}, {K // 4}), ({M}, {G}, 2))")
+    dest = _DEST.get(x.device)
+    if dest is None:
+        dest = _DEST[x.device] = torch.tensor(XDEST, dtype=torch.int32, device=x.device)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    _quantize_x_kernel[(M, G)](x, xq.view(torch.int8), xs, dest, K, G, x.stride(0), GROUP=group_size, num_warps=1)
+    return xq, xs
+
+
+__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "XPERM", "QMAX"]
