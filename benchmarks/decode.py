@@ -18,6 +18,9 @@ Rows (batch 1, greedy, a 32-token random prompt, then --tokens new tokens):
   their own outputs on random inputs, thresholds attached in "layer" mode (route.attach_thresholds_), so that every
   budget between 2 and 8 bits is realised on average; then the engine at budgets 2, 3, 4, 6, 8 bits (routed) and at
   uniform k = 1..4 (set_k: the same graph, the routers' counts overridden on the device).
+* the engine with ``int8_activations`` (the router launch rounds x to int8 per group of 128, the linears run the
+  int8 tensor-core path) at the same budgets, and its first step at budget 4 against the fp16-activation engine's
+  (counts equal, logits' relative difference, same argmax); --no-int8 skips it.
 * elastic_generate (the app's API) at budget 4: the engine plus one host read of logits and counts per token.
 * HF ``generate`` on the quantized model at k = 2 (eager forward; MoBiQuantLinear calls the kernels' custom op).
 
@@ -149,6 +152,29 @@ def engine_tps(eng: DecodeEngine, prompt: torch.Tensor, n: int, reps: int, setup
             bits.append(eng.summarize(c.cpu()[None])[2])
         row["bits"] = statistics.mean(bits)
     return row
+
+
+def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: int, args, rows: dict, res: dict):
+    """A second engine with ``int8_activations``: tok/s at every budget, and its first decode step against the
+    fp16-activation engine's: at k = 2 for every linear (the same weights, only x rounded) and at budget 4, where a
+    router after the first block may flip a count when its score lies within the rounding's effect of τ."""
+    t0 = time.perf_counter()
+    eng8 = DecodeEngine(model, max_len, int8_activations=True)
+    rows["engine_int8_act_build_s"] = time.perf_counter() - t0
+    res["check_int8_act"] = {}
+    for name, setup in (("k2", lambda e: e.set_k(2)), ("budget_4", lambda e: e.set_budget(4.0))):
+        for e in (eng, eng8):
+            setup(e)
+            e.prefill(prompt)
+        (l16, c16), (l8, c8) = eng.decode(), eng8.decode()
+        res["check_int8_act"][name] = dict(
+            counts_equal_fraction=(c16 == c8).float().mean().item(),
+            logits_rel_diff=((l8 - l16).norm() / l16.norm()).item(), argmax_equal=int(l8.argmax()) == int(l16.argmax()))
+    log("int8 activations vs fp16, first decode step:", res["check_int8_act"])
+    for b in BUDGETS:
+        r = rows[f"engine_int8_act_budget_{b:g}"] = engine_tps(eng8, prompt, args.tokens, args.reps,
+                                                               lambda b=b: eng8.set_budget(b))
+        log(f"engine int8 activations budget {b:g}", r["tok_s"], r["bits"])
 
 
 def hf_generate_tps(model, prompt: torch.Tensor, n: int, reps: int) -> dict:
@@ -486,6 +512,7 @@ def main():
     ap.add_argument("--pdl-ab", action="store_true", help="glue + router PDL off / on, step times (see docstring)")
     ap.add_argument("--router-ab", action="store_true", help="fuse_router off / on, step times (see docstring)")
     ap.add_argument("--glue-pdl", type=int, default=1, help="0: glue and router launched without PDL (as before)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8-activation engine's rows")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_h100.json"))
     args = ap.parse_args()
     from mobiquant.kernels import decode_step
@@ -562,6 +589,10 @@ def main():
         rows["switch"] = switch_latency(eng, prompt)
         log("switch", rows["switch"])
         save()
+        if not args.no_int8:  # the int8-activation option: same routers and budgets, x rounded per group of 128
+            int8_engine_rows(model, eng, prompt, max_len, args, rows, res)
+            torch.cuda.empty_cache()  # the int8 engine's buffers and graph are gone with the function's frame
+            save()
         model.__dict__["_mobiquant_engine"] = eng  # elastic_generate reuses it
         eng._fingerprint = _fingerprint(model)
         rows["elastic_generate_budget_4"] = elastic_generate_tps(model, prompt.cpu(), min(args.tokens, 64))

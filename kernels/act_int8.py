@@ -67,19 +67,30 @@ def dequantize_x_int8(xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def quantize_groups(x, q_ptr, s_ptr, k0, dest_ptr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """x (GROUPS * GROUP,): one token's in-features k0, k0 + 1, ... (k0 a multiple of GROUP). Stores their int8
+    codes in the kernel's byte order at q_ptr + k0 (int8 pointer) and (sx, SX) per group at s_ptr + 2 (k0 / GROUP).
+    dest_ptr: XDEST (16,) int32. Shared by the quantizer launch below and the router (router.py, QUANT)."""
+    xg = tl.reshape(x.to(tl.float32), (GROUPS, GROUP))
+    amax = tl.maximum(tl.max(tl.abs(xg), axis=1), _TINY_F)  # (GROUPS,)
+    q = tl.floor(xg * tl.math.div_rn(_QMAX_F, amax)[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)  # (GROUPS, GROUP)
+    i = tl.arange(0, GROUP)
+    col = (i // 16) * 16 + tl.load(dest_ptr + i % 16)  # byte of in-feature i within its group
+    gi = tl.arange(0, GROUPS)
+    tl.store(q_ptr + k0 + gi[:, None] * GROUP + col[None, :], q.to(tl.int8))
+    sp = s_ptr + (k0 // GROUP + gi) * 2
+    tl.store(sp, tl.math.div_rn(amax, _QMAX_F))
+    tl.store(sp + 1, tl.sum(q, axis=1))
+
+
+@triton.jit
 def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, dest_ptr, K, G, stride_xm, GROUP: tl.constexpr):
-    """One program per (token, group): amax, int8 codes in the kernel's byte order, (sx, SX)."""
+    """One program per (token, group)."""
     m = tl.program_id(0)
     gi = tl.program_id(1)
-    offs = tl.arange(0, GROUP)
-    x = tl.load(x_ptr + m * stride_xm + gi * GROUP + offs).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), _TINY_F)
-    q = tl.floor(x * tl.math.div_rn(_QMAX_F, amax) + 0.5)
-    q = tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)
-    d = tl.load(dest_ptr + offs % 16)  # byte of position offs within its 16-feature chunk
-    tl.store(q_ptr + m * K + gi * GROUP + (offs // 16) * 16 + d, q.to(tl.int8))
-    tl.store(s_ptr + (m * G + gi) * 2, tl.math.div_rn(amax, _QMAX_F))
-    tl.store(s_ptr + (m * G + gi) * 2 + 1, tl.sum(q, axis=0))
+    x = tl.load(x_ptr + m * stride_xm + gi * GROUP + tl.arange(0, GROUP))
+    quantize_groups(x, q_ptr + m * K, s_ptr + m * G * 2, gi * GROUP, dest_ptr, 1, GROUP)
 
 
 _DEST: dict[torch.device, torch.Tensor] = {}
@@ -97,14 +108,31 @@ def quantize_x_int8(x: torch.Tensor, group_size: int = 128, out: tuple[torch.Ten
         xs = torch.empty((M, G, 2), dtype=torch.float32, device=x.device)
     else:
         xq, xs = out
-        if xq.shape != (M, K // 4) or xq.dtype != torch.int32 or xs.shape != (M, G, 2) or xs.dtype != torch.float32:
-            raise ValueError(f"out must be ((M, K/4) int32, (M, G, 2) fp32) = (({M}, {K // 4}), ({M}, {G}, 2))")
-    dest = _DEST.get(x.device)
-    if dest is None:
-        dest = _DEST[x.device] = torch.tensor(XDEST, dtype=torch.int32, device=x.device)
+        check_x_int8(out, M, K, group_size, x.device)
     x = x if x.stride(1) == 1 else x.contiguous()
-    _quantize_x_kernel[(M, G)](x, xq.view(torch.int8), xs, dest, K, G, x.stride(0), GROUP=group_size, num_warps=1)
+    _quantize_x_kernel[(M, G)](x, xq.view(torch.int8), xs, xdest(x.device), K, G, x.stride(0), GROUP=group_size,
+                               num_warps=1)
     return xq, xs
 
 
-__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "XPERM", "QMAX"]
+def xdest(device) -> torch.Tensor:
+    """XDEST as an int32 tensor on ``device`` (cached): the kernels' table of byte positions."""
+    dest = _DEST.get(device)
+    if dest is None:
+        dest = _DEST[device] = torch.tensor(XDEST, dtype=torch.int32, device=device)
+    return dest
+
+
+def check_x_int8(x_int8: tuple[torch.Tensor, torch.Tensor], M: int, K: int, group_size: int, device) -> None:
+    """Raise ValueError unless x_int8 = (xq (M, K/4) int32, xs (M, K/g, 2) fp32), contiguous, on ``device``."""
+    xq, xs = x_int8
+    G = K // group_size
+    if (xq.shape != (M, K // 4) or xq.dtype != torch.int32 or xs.shape != (M, G, 2) or xs.dtype != torch.float32
+            or not (xq.is_contiguous() and xs.is_contiguous()) or xq.device != device or xs.device != device):
+        raise ValueError(f"x_int8 must be (xq ({M}, {K // 4}) int32, xs ({M}, {G}, 2) fp32), contiguous, on "
+                         f"{device} (act_int8.quantize_x_int8), got {tuple(xq.shape)} {xq.dtype}, "
+                         f"{tuple(xs.shape)} {xs.dtype}")
+
+
+__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "quantize_groups", "check_x_int8", "xdest",
+           "XPERM", "QMAX"]

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .act_int8 import check_x_int8, quantize_groups, xdest
 from .sliced_gemv import _scratch
 
 CHUNK_K = 256  # K per program: one (HP, BLOCK_K) tile of fc1 each, 16 programs per router at K = 4096
@@ -112,9 +113,9 @@ def route_finish(ws_r, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, r, H: t
 @triton.jit
 def _route_counts_kernel(
     x_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, given_ptr, cin_ptr, out_ptr, ws_ptr,
-    cnt_ptr, K, CHUNK, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr,
+    cnt_ptr, xq_ptr, xs_ptr, dest_ptr, K, CHUNK, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr,
-    ONE_TILE: tl.constexpr, FINISH: tl.constexpr, RN: tl.constexpr,
+    ONE_TILE: tl.constexpr, FINISH: tl.constexpr, RN: tl.constexpr, QUANT: tl.constexpr,
 ):
     r = tl.program_id(0)
     c = tl.program_id(1)
@@ -134,6 +135,10 @@ def _route_counts_kernel(
     if WAIT:  # launched with PDL: x, tau, the flags and the workspace only after the previous grid completed
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
+    if QUANT:  # router 0's programs also write x's int8 codes for the linear after them (act_int8, groups of 128)
+        if r == 0:
+            quantize_groups(tl.load(x_ptr + k_lo + tl.arange(0, BLOCK_K)), xq_ptr, xs_ptr, k_lo, dest_ptr,
+                            BLOCK_K // 128, 128)
     given = tl.load(given_ptr + r) != 0
     if given:  # uniform / random modes, routerless linears: no fc1 to stream
         if FINISH:
@@ -209,9 +214,15 @@ def _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name):
     return R, H, K, EM1, chunk, split, HP
 
 
-def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, finish, name):
+def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, finish, name,
+            x_int8=None):
     R, H, K, EM1, chunk, split, HP = _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name)
     block_k = min(256, triton.next_power_of_2(chunk))
+    if x_int8 is not None:  # each program quantizes its whole chunk: whole groups of 128, one tile, no tail
+        if chunk % 128 or chunk != block_k or K % chunk:
+            raise ValueError(f"{name}: x_int8 needs K ({K}) a multiple of a chunk of 128 or 256 in-features")
+        check_x_int8(x_int8, 1, K, 128, x.device)
+    xq, xs = (x_int8[0].view(torch.int8), x_int8[1]) if x_int8 is not None else (out, out)
     # the router's own partials and counters: never shared with the linears' split-K counters, whose PDL launches
     # may overlap a router launch
     ws, cnt = _scratch(x.device, R * split * HP, R, store=_SCRATCH)
@@ -219,8 +230,8 @@ def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, ou
     wait = PDL_WAIT and pdl and _pdl_launch()
     _route_counts_kernel[(R, split)](
         x.reshape(-1), s, w1, b1, w2, b2, tau, _i8(force_on), _i8(force_off), _i8(given), counts_in, out, ws, cnt,
-        K, chunk, H=H, EM1=EM1, HP=HP, BLOCK_K=block_k, SPLIT=split,
-        TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k, FINISH=finish,
+        xq, xs, xdest(x.device), K, chunk, H=H, EM1=EM1, HP=HP, BLOCK_K=block_k, SPLIT=split,
+        TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k, FINISH=finish, QUANT=x_int8 is not None,
         RN=x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=4,
         **({"launch_pdl": True} if wait else {}),
     )
@@ -266,18 +277,22 @@ class RoutePlan:
 def route_partials(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                    b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
                    given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None,
-                   chunk_k: int | None = None) -> RoutePlan:
+                   chunk_k: int | None = None, x_int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> RoutePlan:
     """The first half of ``route_counts``: the same launch with FINISH off, so its programs only store their fc1
     partials (a router whose count is given stores nothing); no counter, no last program. The linear launched next
     (``sliced_gemv_cc(..., route=plan)``) sums them, finishes fc2 and the thresholds in each program and stores the
     counts in ``plan.out`` (default: a new (R,) int32 tensor): equal to ``route_counts``' on the same inputs, since
     both run ``sum_partials`` and ``route_finish`` on the same partials. The workspace is this module's, reused by
-    the next router launch: the linear must run before it (in one stream, with PDL or not, it does)."""
+    the next router launch: the linear must run before it (in one stream, with PDL or not, it does).
+
+    ``x_int8``: buffers (xq (1, K/4) int32, xs (1, K/128, 2) fp32) that router 0's programs fill with x quantized
+    per group of 128 (act_int8.quantize_x_int8's codes), for a linear launched with ``x_int8=`` after this launch:
+    so the int8 path needs no quantizer launch of its own."""
     if w1.shape[1] > 64:  # route_finish's layout argument: at most one hidden unit per thread of a 2-warp program
         raise ValueError(f"route_partials: router hidden size {w1.shape[1]} above 64")
     out = torch.empty(w1.shape[0], dtype=torch.int32, device=x.device) if out is None else out
     ws, meta = _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, False,
-                       "route_partials")
+                       "route_partials", x_int8)
     return RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, meta)
 
 

@@ -79,6 +79,7 @@ import triton
 import triton.language as tl
 
 from ._tile import load_planes, merge_planes_ptx
+from .act_int8 import check_x_int8
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
@@ -954,11 +955,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         if p0.group_size != 128 or BN % (16 * cfg.get("num_warps", 4)):
             raise ValueError(f"int8 activations need groups of 128 and BLOCK_N a multiple of 16 x num_warps, got "
                              f"group {p0.group_size}, BLOCK_N {BN}, {cfg.get('num_warps', 4)} warps")
-        if (xq.shape != (M, K // 4) or xq.dtype != torch.int32 or xs.shape != (M, G, 2) or xs.dtype != torch.float32
-                or not (xq.is_contiguous() and xs.is_contiguous()) or xq.device != x.device):
-            raise ValueError(f"x_int8 must be (xq ({M}, {K // 4}) int32, xs ({M}, {G}, 2) fp32), contiguous, on "
-                             f"{x.device} (act_int8.quantize_x_int8), got {tuple(xq.shape)} {xq.dtype}, "
-                             f"{tuple(xs.shape)} {xs.dtype}")
+        check_x_int8(x_int8, M, K, p0.group_size, x.device)
         xi = xq
     rest = []  # weights 2 and 3 (the first one's tensors and N = 0 where absent)
     for i in (1, 2):

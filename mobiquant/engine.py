@@ -37,6 +37,11 @@ through its own forward, so that every shape is static and nothing leaves the de
   fc1 partials, and the linear's v7 launch after it finishes the counts in each program (the router kernel's own
   finishing code, so the counts equal ``route_counts``'), which takes the router's tail off the step's critical
   path (KERNEL_NOTES.md, "fused router").
+  ``int8_activations`` (off by default; it changes the numerics): with the fused router, the router launch also
+  rounds its input to int8 per group of 128 (kernels/act_int8.py) and the linear after it runs the int8 tensor-core
+  path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.6 % at 4, 6 and 8
+  bits with every linear's input rounded so (benchmarks/results/int8_act_ppl_cpu.json). Groups that are not routed
+  keep fp16 inputs.
 * **Modes**: ``set_budget`` (routers), ``set_k`` (uniform) and ``set_counts`` (counts given per linear, e.g. the
   random baseline drawn on the host exactly as the torch path draws them) only write device tensors.
 
@@ -131,7 +136,7 @@ class DecodeEngine:
 
     def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
                  capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
-                 fuse_linears: bool | None = None, fuse_router: bool | None = None):
+                 fuse_linears: bool | None = None, fuse_router: bool | None = None, int8_activations: bool = False):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -162,9 +167,14 @@ class DecodeEngine:
         self.fuse_router = fits if fuse_router is None else bool(fuse_router)
         if self.fuse_router and not fits:
             raise MoBiQuantError("fuse_router needs fuse_linears, fp16 weights and no compile")
+        self.int8_activations = bool(int8_activations)
+        if self.int8_activations and not self.fuse_router:
+            raise MoBiQuantError("int8_activations needs the fused router: the kernels on CUDA, fp16 weights, no "
+                                 "compile")
         dev = dict(device=self.device)
         with torch.no_grad():
             self._build_linears()
+            self._build_int8_buffers()
             L, S = len(self.layers), self.max_seq_len
             self.k_cache = torch.zeros(L, self.n_kv, S, self.head_dim, dtype=self.dtype, **dev)
             self.v_cache = torch.zeros_like(self.k_cache)
@@ -207,6 +217,21 @@ class DecodeEngine:
                 self.packed[j] = m.packed(self.device)
             else:
                 self.dense[j] = [m._dense_weight(k, self.dtype, self.device) for k in range(1, m.num_slices + 1)]
+
+    def _build_int8_buffers(self) -> None:
+        """int8 activations: per input width K, the (xq (1, K/4) int32, xs (1, K/128, 2) fp32) buffers that a routed
+        group's router launch fills and its linears' launch reads (kernels/act_int8.py)."""
+        self.x8 = {}
+        if not self.int8_activations:
+            return
+        for j, P in self.packed.items():
+            K = P.in_features
+            if P.group_size != 128 or K % 256:
+                raise MoBiQuantError(f"int8_activations needs groups of 128 and input widths that are multiples of "
+                                     f"256; {self.names[j]} has group {P.group_size}, {K} inputs")
+            if K not in self.x8:
+                self.x8[K] = (torch.zeros(1, K // 4, dtype=torch.int32, device=self.device),
+                              torch.zeros(1, K // 128, 2, dtype=torch.float32, device=self.device))
 
     def _build_routing(self) -> None:
         dev = self.device
@@ -367,9 +392,10 @@ class DecodeEngine:
         else:
             qw, sc, zr, bias, splits, group_size = entry
             packs = [PackedSlices(q, s, z, group_size) for q, s, z in zip(qw, sc, zr)]
+        x8 = self.x8.get(packs[0].in_features)  # int8 activations: written by the router launch, read by v10
         plan = route_partials(x.reshape(-1), group.s, group.w1, group.b1, group.w2, group.b2, th[0][lo:hi], th[1],
-                              th[2], self.given[lo:hi], self.counts_in[lo:hi])
-        y = sliced_gemv_cc(x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan)
+                              th[2], self.given[lo:hi], self.counts_in[lo:hi], x_int8=x8)
+        y = sliced_gemv_cc(x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan, x_int8=x8)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return plan.out[None], y.split(splits, dim=-1)

@@ -72,7 +72,7 @@ def tiny_text(tmp_path):
     return path
 
 
-def _routed_model(model, hidden=8):
+def _routed_model(model, hidden=8, group_size=32):
     """quantize_ + untrained routers whose calibration scores come from the model's own activations on random
     tokens (what calibrate_ leaves behind, without the training), for plumbing tests."""
     import mobiquant
@@ -80,7 +80,7 @@ def _routed_model(model, hidden=8):
     from mobiquant.nn.router import MoBiRoute
     from mobiquant.route import attach_thresholds_
 
-    quantize_(model, MoBiQuantConfig(group_size=32))
+    quantize_(model, MoBiQuantConfig(group_size=group_size))
     linears = mobiquant.quantized_linears(model)
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))

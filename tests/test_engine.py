@@ -163,6 +163,51 @@ def test_fused_router_needs_fp16_and_fused_linears(tiny_llama, routed_model):
     assert not DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_linears=False).fuse_router
 
 
+def _wide_llama():
+    """A 2-block LLaMA whose widths (256, 512) take groups of 128 and the router's chunks of 256: int8 activations."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_int8_activations_engine(routed_model):
+    """int8_activations: the router launches round x per group and the linears run the int8 path. The counts equal
+    the fp16-activation engine's (the routers read x before rounding), the logits are close but not equal (the
+    path is in use), at a budget and with given counts."""
+    pytest.importorskip("triton")
+    model = routed_model(_wide_llama(), group_size=128).half().to(DEVICE)
+    e8 = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True)
+    e16 = DecodeEngine(model, 16, use_kernels=True, capture=False)
+    assert set(e8.x8) == {256, 512}
+    ids = torch.randint(0, 96, (3,), device=DEVICE)
+    given = torch.randint(1, 5, (e8.n_linears,), generator=torch.Generator().manual_seed(5))
+    for setup in (lambda e: e.set_budget(5.0), lambda e: e.set_counts(given)):
+        for e in (e8, e16):
+            setup(e)
+            e.prefill(ids)
+        for _ in range(2):
+            tok = int(torch.randint(0, 96, (1,)))
+            (l8, c8), (l16, c16) = e8.decode(tok), e16.decode(tok)
+            assert torch.equal(c8, c16)
+            assert torch.isfinite(l8).all() and not torch.equal(l8, l16)
+            assert ((l8 - l16).norm() / l16.norm()).item() < 5e-2
+
+
+def test_int8_activations_need_the_fused_router_and_groups_of_128(tiny_llama, routed_model):
+    from mobiquant import MoBiQuantError
+
+    pytest.importorskip("triton")
+    wide = routed_model(_wide_llama(), group_size=128).half().to(DEVICE)
+    with pytest.raises(MoBiQuantError, match="fused router"):
+        DecodeEngine(wide, 16, use_kernels=True, capture=False, fuse_router=False, int8_activations=True)
+    narrow = routed_model(tiny_llama).half().to(DEVICE)  # groups of 32, 64 inputs
+    with pytest.raises(MoBiQuantError, match="groups of 128"):
+        DecodeEngine(narrow, 16, use_kernels=True, capture=False, int8_activations=True)
+
+
 def test_fused_glue_needs_a_fitting_model(tiny_llama):
     from mobiquant import MoBiQuantError
 
@@ -230,6 +275,26 @@ def test_gpu_graph_matches_eager_and_budget_switch_needs_no_recapture(tiny_llama
             assert torch.equal(c1, c2)
         if b in (2.0, 8.0):
             assert (c1 == (1 if b == 2.0 else 4)).all()
+    assert eng.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_int8_activations_graph_matches_eager(routed_model):
+    """The int8 engine captured in a CUDA graph (router launches writing the codes, PDL) against itself eagerly."""
+    model = routed_model(_wide_llama(), group_size=128).to("cuda", torch.float16)
+    eng = DecodeEngine(model, 32, int8_activations=True)
+    ref = DecodeEngine(model, 32, capture=False, int8_activations=True)
+    assert eng.graph is not None
+    ids = torch.randint(0, 96, (5,), device="cuda")
+    for b in (2.0, 5.0, 8.0):
+        for e in (eng, ref):
+            e.set_budget(b)
+            e.prefill(ids)
+        for _ in range(3):
+            (l1, c1), (l2, c2) = eng.decode(), ref.decode()
+            assert torch.equal(c1, c2)
+            torch.testing.assert_close(l1, l2, atol=1e-3, rtol=1e-3)
     assert eng.captures == 1
 
 

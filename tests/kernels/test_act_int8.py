@@ -75,7 +75,7 @@ def test_out_buffers_and_bad_arguments():
     out = (torch.empty(2, 64, dtype=torch.int32, device=DEVICE), torch.empty(2, 2, 2, device=DEVICE))
     xq, xs = quantize_x_int8(x, out=out)
     assert xq.data_ptr() == out[0].data_ptr() and xs.data_ptr() == out[1].data_ptr()
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match="x_int8 must be"):
         quantize_x_int8(x, out=(out[0][:1], out[1]))
     with pytest.raises(ValueError, match="multiple of the group size"):
         quantize_x_int8(x[:, :200])

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernel_helpers import DEVICE, graph_replays_equal_eager, make_weight  # noqa: E402
-from mobiquant.kernels import pack_slices, sliced_gemv_cc  # noqa: E402
+from mobiquant.kernels import pack_slices, quantize_x_int8, sliced_gemv_cc  # noqa: E402
 from mobiquant.kernels import router as rk  # noqa: E402
 
 from mobiquant.ops import router_scores  # noqa: E402
@@ -123,6 +123,40 @@ def test_route_rejects_bad_arguments():
         sliced_gemv_cc(x[None], packs, None, route=plan)  # 2 weights, 1 router
     with pytest.raises(ValueError, match="one token"):
         sliced_gemv_cc(torch.stack([x, x]), packs[0], None, route=plan)
+
+
+@pytest.mark.parametrize("K,chunk_k,given_p", [(512, None, 0.0), (384, 128, 0.5), (256, 1 << 20, 1.0)])
+def test_router_writes_int8_activations(K, chunk_k, given_p):
+    """route_partials(x_int8=...): router 0's programs write quantize_x_int8(x)'s codes and (sx, SX), bit for bit,
+    given counts or not; the counts are unchanged, and the int8 linear on them equals the one on the quantizer's."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    packs = weights([96, 64], K, 128)
+    rt = router_stack(2, 16, K, 4, g)
+    x = (torch.randn(K, generator=g) * 3).half().to(DEVICE)
+    tau = router_scores(x[None], *rt)[0][:, 0].float() + 1e-2
+    fl = flags(2, 4, g, given_p=given_p)
+    want_q, want_s = quantize_x_int8(x[None])
+    xq = torch.full_like(want_q, -1)  # poisoned
+    xs = torch.full_like(want_s, float("nan"))
+    plan = rk.route_partials(x, *rt, tau, *fl, chunk_k=chunk_k, x_int8=(xq, xs))
+    counts = rk.route_counts(x, *rt, tau, *fl, chunk_k=chunk_k)
+    assert torch.equal(xq, want_q) and torch.equal(xs, want_s)
+    cfg = dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1)
+    y = sliced_gemv_cc(x[None], packs, None, config=cfg, route=plan, x_int8=(xq, xs))
+    y_ref = sliced_gemv_cc(x[None], packs, counts[None], config=cfg, x_int8=(want_q, want_s))
+    assert torch.equal(plan.out, counts) and torch.equal(y, y_ref)
+
+
+def test_router_int8_activations_reject_bad_arguments():
+    g = torch.Generator().manual_seed(2)
+    rt = router_stack(1, 16, 320, 4, g)
+    x = torch.randn(320, generator=g).half().to(DEVICE)
+    bufs = (torch.empty(1, 80, dtype=torch.int32, device=DEVICE), torch.empty(1, 2, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="multiple of a chunk"):  # 320 = 256 + 64: no whole groups in the tail
+        rk.route_partials(x, *rt, torch.zeros(1, device=DEVICE), *flags(1, 4, g), x_int8=bufs)
+    rt = router_stack(1, 16, 256, 4, g)
+    with pytest.raises(ValueError, match="x_int8 must be"):
+        rk.route_partials(x[:256], *rt, torch.zeros(1, device=DEVICE), *flags(1, 4, g), x_int8=bufs)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only
