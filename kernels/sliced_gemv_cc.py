@@ -63,11 +63,16 @@ The interpreter path (USE_ASM=False) computes P from the same q values in fp32 (
 and the epilogue there; tests/kernels/test_sliced_gemv_cc.py executes the PTX text itself on the CPU, fp16 rounding
 included).
 
-Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures", "Tenth session"): 32-layer LLaMA-3-8B stack at
-batch 1 in the group-major layout, seven launches per layer, 1.810 / 2.105 / 2.775 / 3.368 ms at k = 1..4 with the
-tuned configs (v8 where they switch it on; v5 3.667 / 3.775 / 4.247 / 4.580), 1.501 / 1.795 / 2.410 / 2.929 ms with
-q/k/v and gate/up as one launch each (43 / 68 / 75 / 81 % of copy bandwidth). Slower than v5 at 4 tokens, so
-``dispatch.sliced_linear`` uses it for one fp16 token only.
+Int8 activations (``x_int8=``, v10, an option: other numerics): x rounded to int8 per group of 128 by
+act_int8.py (or by the router launch before this one), and every slice count on mma.sync m16n8k32 u8 x s8 with the
+codes as bytes: one AND per four weights at k = 1, sums exact in s32 (``asm_mma8_text``, ``_mma8_loop``). 1.10 /
+1.46 / 2.32 / 2.95 SASS per weight at k = 1..4.
+
+Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures", "Eleventh session"): 32-layer LLaMA-3-8B stack at
+batch 1 in the group-major layout, q/k/v and gate/up as one launch each, 1.534 / 1.818 / 2.442 / 2.975 ms at
+k = 1..4 with the tuned configs (43 / 68 / 74 / 81 % of copy bandwidth; seven launches per layer 1.813 / 2.109 /
+2.781 / 3.400), and 1.134 / 1.646 / 2.260 / 2.824 ms with int8 activations (58 / 75 / 80 / 85 %). Slower than v5 at 4
+tokens, so ``dispatch.sliced_linear`` uses it for one fp16 token only.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ through its own forward, so that every shape is static and nothing leaves the de
   path (KERNEL_NOTES.md, "fused router").
   ``int8_activations`` (off by default; it changes the numerics): with the fused router, the router launch also
   rounds its input to int8 per group of 128 (kernels/act_int8.py) and the linear after it runs the int8 tensor-core
-  path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.6 % at 4, 6 and 8
+  path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.5 % at 4, 6 and 8
   bits with every linear's input rounded so (benchmarks/results/int8_act_ppl_cpu.json). Groups that are not routed
   keep fp16 inputs.
 * **Modes**: ``set_budget`` (routers), ``set_k`` (uniform) and ``set_counts`` (counts given per linear, e.g. the

@@ -12,13 +12,13 @@ option. This script measures, in one process:
 2. per unit (q/k/v, o, gate/up, down as the decode engine launches them), µs per launch of 32 launches over 32
    layers' weights in one CUDA graph: fp16 path and int8 path on the tuned configs, and the quantizer launch;
 3. a tile sweep of the int8 path per unit (rows per program, warps, split-K; PF 1), and the tile it picks;
-4. the fused 32-layer stack at k = 1..4: fp16 tuned; int8 on the tuned and on the swept tiles, x quantized before
-   the graph (as a producer kernel that writes int8 would leave it); int8 on the swept tiles with the four quantizer
-   launches per layer inside the graph.
+4. the fused 32-layer stack at k = 1..4: fp16 tuned; int8 on the fp16 path's tuned tiles, on the swept tiles and on
+   its own configs (``sliced_gemv_cc_a8`` entries), x quantized before the graph (as the engine's router launch
+   leaves it); int8 on the swept tiles with the four quantizer launches per layer inside the graph.
 
     OUT=/tmp python3 -P benchmarks/experiments/ab_int8_act.py     # writes $OUT/int8_act_ab_h100.json
     PARTS=checks,stack ...                                        # a subset of checks,units,sweep,stack
-    STACK_VARIANTS='{"gu 64": {"gu": {"BLOCK_N": 64}}}' ...      # int8 stacks on the tuned tiles, overridden
+    STACK_VARIANTS='{"gu 64": {"gu": {"BLOCK_N": 64}}}' ...      # int8 stacks on its configs, overridden
 """
 
 import importlib.util
@@ -53,9 +53,9 @@ def unit_K(u):
     return KB.SHAPES[UNITS[u][0]][1]
 
 
-def unit_config(u):
+def unit_config(u, kernel="sliced_gemv_cc"):
     N = sum(KB.SHAPES[n][0] for n in UNITS[u])
-    return lookup("sliced_gemv_cc", 1, N, unit_K(u))
+    return lookup(kernel, 1, N, unit_K(u))
 
 
 def main():
@@ -67,6 +67,7 @@ def main():
     outs = {u: torch.empty(1, sum(KB.SHAPES[n][0] for n in UNITS[u]), device="cuda", dtype=torch.float16)
             for u in UNITS}
     tuned = {u: unit_config(u) for u in UNITS}
+    tuned8 = {u: unit_config(u, "sliced_gemv_cc_a8") or tuned[u] for u in UNITS}  # the int8 path's entries
     parts = os.environ.get("PARTS", "checks,units,sweep,stack").split(",")
     out_name = os.environ.get("OUT_NAME", "int8_act_ab_h100.json")
     dump = lambda: (OUT / out_name).write_text(json.dumps(res, indent=1))  # noqa: E731
@@ -132,9 +133,10 @@ def main():
 
         variants = {"fp16, tuned": (tuned, False, False), "int8, tuned tiles": (tuned, True, False),
                     "int8, swept tiles": (swept, True, False), "int8 + quantizer, swept": (swept, True, True)}
-        # STACK_VARIANTS='{"name": {"unit": {"SPLIT_K": 8}}}': int8 on the tuned tiles with some entries overridden
+        variants["int8, its configs (_a8)"] = (tuned8, True, False)
+        # STACK_VARIANTS='{"name": {"unit": {"SPLIT_K": 8}}}': int8 on its configs with some entries overridden
         for name, over in json.loads(os.environ.get("STACK_VARIANTS") or "{}").items():
-            variants[name] = ({u: dict(tuned[u], **over.get(u, {})) for u in UNITS}, True, False)
+            variants[name] = ({u: dict(tuned8[u], **over.get(u, {})) for u in UNITS}, True, False)
         t = {}
         for _ in range(3):
             for name, v in variants.items():
