@@ -208,6 +208,15 @@ def test_int8_activations_need_the_fused_router_and_groups_of_128(tiny_llama, ro
         DecodeEngine(narrow, 16, use_kernels=True, capture=False, int8_activations=True)
 
 
+def test_elastic_generate_int8_activations_need_cuda(tiny_llama, routed_model):
+    from mobiquant import MoBiQuantError
+
+    model = routed_model(tiny_llama)  # on the CPU
+    with pytest.raises(MoBiQuantError, match="CUDA decode engine"):
+        next(elastic_generate(model, WordTokenizer(), "w5 w6", BudgetControl(4.0), max_new_tokens=2,
+                              int8_activations=True))
+
+
 def test_fused_glue_needs_a_fitting_model(tiny_llama):
     from mobiquant import MoBiQuantError
 
@@ -330,3 +339,16 @@ def test_gpu_elastic_generate_uses_the_engine(tiny_llama, routed_model):
     assert [b for b, _, _ in seen] == [2.0] * 4 + [8.0] * 4
     assert all(m == 1.0 and bits == 2.0 for _, m, bits in seen[:4])
     assert all(m == 4.0 and bits == 8.0 for _, m, bits in seen[4:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_elastic_generate_int8_activations(routed_model):
+    """elastic_generate(int8_activations=True) builds the engine with the option, and a call without it rebuilds
+    the engine without; the steps carry the budget's counts either way."""
+    model = routed_model(_wide_llama(), group_size=128).to("cuda", torch.float16)
+    for int8 in (True, False):
+        steps = list(elastic_generate(model, WordTokenizer(), "w5 w6", BudgetControl(2.0), max_new_tokens=4,
+                                      int8_activations=int8))
+        assert model.__dict__["_mobiquant_engine"].int8_activations is int8
+        assert len(steps) == 4 and all(s.bits == 2.0 for s in steps)
