@@ -195,6 +195,21 @@ def _mma_m16n8k32_u8s8(line, lanes):
             regs[r] = int(v) & M32
 
 
+def mma_word_lanes(words, ks):
+    """32 register dicts holding the plane words of a 16-row mma tile as the pack = 2 PTX texts take them
+    (asm_mma_text, asm_mma8_text): words (ks, 16 rows, 8 chunks); lane 4 g + t gets rows g, g + 8 and chunks 2t,
+    2t + 1 of each plane at $(2 + 4e) .. $(5 + 4e). The caller adds the activation operands."""
+    lanes = []
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        r = {}
+        for e in range(ks):
+            for i, (row, ch) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t + 1)]):
+                r[f"${2 + 4 * e + i}"] = int(words[e, row, ch])
+        lanes.append(r)
+    return lanes
+
+
 def run_ptx_warp(text, lanes):
     """``run_ptx`` for the 32 lanes of a warp in lock step (``lanes``: 32 register dicts), with mma.sync m16n8k16
     (fp16) and m16n8k32 (u8 x s8) taking their fragments from every lane. Returns the 32 dicts."""

@@ -18,6 +18,7 @@ from kernel_helpers import (  # noqa: E402
     DEVICE,
     M32,
     make_weight,
+    mma_word_lanes,
     pdl_chain_in_graph_equals_eager,
     reference,
     run_ptx,
@@ -289,18 +290,13 @@ def test_ptx_mma_on_a_warp(ks):
     rng = np.random.default_rng(10 + ks)
     words = rng.integers(0, 2**32, (ks, 16, 8))  # plane, row, chunk
     x = (rng.standard_normal(128) * 3.0).astype(np.float16)
-    lanes = []
-    for lane in range(32):
-        g, t = divmod(lane, 4)
-        r = {}
-        for e in range(ks):
-            for i, (row, ch) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t + 1)]):
-                r[f"${2 + 4 * e + i}"] = int(words[e, row, ch])
+    lanes = mma_word_lanes(words, ks)
+    for lane, r in enumerate(lanes):
+        t = lane % 4
         for j in range(16):
             pos = 16 * (2 * t + j // 8) + 2 * (j % 8)
             r[f"${2 + 4 * ks + 2 * j}"] = r[f"${3 + 4 * ks + 2 * j}"] = _pairs(
                 np.concatenate([x[pos:pos + 2], np.zeros(14, np.float16)]))[0]
-        lanes.append(r)
     out = run_ptx_warp(asm_mma_text(ks), lanes)
     xf = x.astype(np.float64)
     for row in range(16):

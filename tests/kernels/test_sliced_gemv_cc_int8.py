@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_helpers import DEVICE, make_weight, reference, run_ptx_warp, tol  # noqa: E402
+from kernel_helpers import DEVICE, make_weight, mma_word_lanes, reference, run_ptx_warp, tol  # noqa: E402
 from mobiquant.kernels import dequantize_x_int8, pack_slices, quantize_x_int8, sliced_gemv_cc  # noqa: E402
 from mobiquant.kernels.layout import SLOT  # noqa: E402
 from mobiquant.kernels.sliced_gemv_cc import DEN8, asm_mma8_text  # noqa: E402
@@ -96,16 +96,11 @@ def test_ptx_mma8_on_a_warp(ks):
     def xword(chunk, j):  # byte b: the activation of slot 4 b + j (act_int8's order)
         return sum((int(xq[16 * chunk + pos_of_slot[4 * b + j]]) & 0xFF) << (8 * b) for b in range(4))
 
-    lanes = []
-    for lane in range(32):
-        g, t = divmod(lane, 4)
-        r = {}
-        for e in range(ks):
-            for i, (row, ch) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t + 1)]):
-                r[f"${2 + 4 * e + i}"] = int(words[e, row, ch])
+    lanes = mma_word_lanes(words, ks)
+    for lane, r in enumerate(lanes):
+        t = lane % 4
         for j in range(8):  # words 0..3 of chunk 2t, then of chunk 2t + 1 (each operand twice: pack = 2)
             r[f"${2 + 4 * ks + 2 * j}"] = r[f"${3 + 4 * ks + 2 * j}"] = xword(2 * t + j // 4, j % 4)
-        lanes.append(r)
     out = run_ptx_warp(asm_mma8_text(ks), lanes)
     for row in range(16):
         Q = [sum(((int(words[e, row, p // 16]) >> (2 * SLOT[p % 16])) & 3) << (2 * (ks - 1 - e)) for e in range(ks))
