@@ -69,9 +69,9 @@ codes as bytes: one AND per four weights at k = 1, sums exact in s32 (``asm_mma8
 1.46 / 2.32 / 2.95 SASS per weight at k = 1..4.
 
 Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures", "Eleventh session"): 32-layer LLaMA-3-8B stack at
-batch 1 in the group-major layout, q/k/v and gate/up as one launch each, 1.534 / 1.818 / 2.442 / 2.975 ms at
-k = 1..4 with the tuned configs (43 / 68 / 74 / 81 % of copy bandwidth; seven launches per layer 1.813 / 2.109 /
-2.781 / 3.400), and 1.134 / 1.646 / 2.260 / 2.824 ms with int8 activations (58 / 75 / 80 / 85 %). Slower than v5 at 4
+batch 1 in the group-major layout, q/k/v and gate/up as one launch each, 1.513 / 1.825 / 2.454 / 2.982 ms at
+k = 1..4 with the tuned configs (44 / 68 / 75 / 81 % of copy bandwidth; seven launches per layer 1.833 / 2.126 /
+2.802 / 3.408), and 1.132 / 1.641 / 2.266 / 2.825 ms with int8 activations (58 / 76 / 81 / 86 %). Slower than v5 at 4
 tokens, so ``dispatch.sliced_linear`` uses it for one fp16 token only.
 """
 
@@ -679,44 +679,53 @@ def _load_x8(xp, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _mma8_group(g, w_ptrs, xq_ptrs, xs_base, s_row, z_row, N, plane_stride, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Everything one group's step reads: the plane words, s_1 and z_1 of the tile's rows, the activation words,
+    and (sx, SX)."""
+    w = _load_words_mma(w_ptrs + g * (N * 8), plane_stride, KS, USE_ASM)  # group-major: group g at + g N 8 words
+    s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
+    return w, s, z, _load_x8(xq_ptrs + g * 32, USE_ASM), tl.load(xs_base + 2 * g), tl.load(xs_base + 2 * g + 1)
+
+
+@triton.jit
+def _mma8_step(acc, w, s, z, xs, sx, SX, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc (BN, 4) += one group's s_1 sx 4^-(k-1) (Σ xq Q_k - (4^(k-1) z_1 - 1/2) SX) / 64 / DEN8."""
+    SH: tl.constexpr = 4.0 ** (KS - 1)
+    DEN: tl.constexpr = 64.0 if KS == 1 else (16.0 if KS == 2 else 1.0)
+    wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
+    sxf = sx * (1.0 / (SH * DEN * 64.0))  # 1/16 (caller), 1/4 (the quad's copies)
+    P = _mma8_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS, USE_ASM)  # (BN, 4)
+    cz = _f16_bits_to_f32(z, USE_ASM) * SH - 0.5  # (BN, 1)
+    return acc + (_f16_bits_to_f32(s, USE_ASM) * sxf) * (P - cz * (SX * DEN))
+
+
+@triton.jit
 def _mma8_loop(w_rowc, xq_base, xs_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
                USE_ASM: tl.constexpr, PF: tl.constexpr):
     """``_mma_loop`` with int8 activations (act_int8.py; group 128): (BN,) fp32 = Σ over groups [g_lo, g_hi) of
     s_1 sx 4^-(k-1) (Σ xq Q_k - (4^(k-1) z_1 - 1/2) SX), divided by 16 (the caller's final factor), one group per
-    step on mma.sync m16n8k32 (``asm_mma8_text``). Same tile, layout and prefetch as ``_mma_loop``; xq_base: the
-    token's int32 activation words, xs_base: its (sx, SX) per group."""
-    SH: tl.constexpr = 4.0 ** (KS - 1)
-    DEN: tl.constexpr = 64.0 if KS == 1 else (16.0 if KS == 2 else 1.0)
+    step on mma.sync m16n8k32 (``asm_mma8_text``). Same tile and layout as ``_mma_loop``; xq_base: the token's int32
+    activation words, xs_base: its (sx, SX) per group.
+
+    PF (any non-zero value): the next group's words, s, z and activations (from L2: every program reads them) are
+    loaded one step ahead. Deeper prefetch (two groups ahead, or the loop unrolled by two as ``_cc_loop``'s PF = 2)
+    measured slower at every k (KERNEL_NOTES.md, "Eleventh session")."""
     BN: tl.constexpr = w_rowc.shape[0]
     i_t = tl.arange(0, 4)
     w_ptrs = w_rowc + i_t[None, :] * 2  # (BN, 4): chunk 2t of group 0
-    GS = N * 8  # group-major words: group g at w_ptrs + g GS
     xq_ptrs = xq_base + i_t * 8  # (4,): word 0 of chunk 2t (4 words of int8 per 16 in-features)
     acc = tl.zeros((BN, 4), tl.float32)
-    if PF:  # with PF the activations (from L2: every program reads them) are prefetched one group ahead as well
-        v = _load_words_mma(w_ptrs + g_lo * GS, plane_stride, KS, USE_ASM)
-        sv, zv = _load_sz_mma(s_row + g_lo * N, z_row + g_lo * N, USE_ASM)
-        xv = _load_x8(xq_ptrs + g_lo * 32, USE_ASM)
-        sxv, SXv = tl.load(xs_base + 2 * g_lo), tl.load(xs_base + 2 * g_lo + 1)
+    if PF:
+        v = _mma8_group(g_lo, w_ptrs, xq_ptrs, xs_base, s_row, z_row, N, plane_stride, KS, USE_ASM)
     for g in range(g_lo, g_hi):
-        if PF:
-            w, s, z, xs, sx, SX = v, sv, zv, xv, sxv, SXv
-            gn = tl.minimum(g + 1, g_hi - 1)
-            v = _load_words_mma(w_ptrs + gn * GS, plane_stride, KS, USE_ASM)
-            sv, zv = _load_sz_mma(s_row + gn * N, z_row + gn * N, USE_ASM)
-            xv = _load_x8(xq_ptrs + gn * 32, USE_ASM)
-            sxv, SXv = tl.load(xs_base + 2 * gn), tl.load(xs_base + 2 * gn + 1)
+        if PF:  # this group's loads were issued one step ahead; the next group's are issued now (past the
+            cur = v  # end: the last group again, a valid address)
+            v = _mma8_group(tl.minimum(g + 1, g_hi - 1), w_ptrs, xq_ptrs, xs_base, s_row, z_row, N,
+                            plane_stride, KS, USE_ASM)
         else:
-            w = _load_words_mma(w_ptrs + g * GS, plane_stride, KS, USE_ASM)
-            s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
-            xs = _load_x8(xq_ptrs + g * 32, USE_ASM)
-            sx, SX = tl.load(xs_base + 2 * g), tl.load(xs_base + 2 * g + 1)
-        wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
-        sx = sx * (1.0 / (SH * DEN * 64.0))  # 1/16 (caller), 1/4 (the quad's copies)
-        SX = SX * DEN
-        P = _mma8_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS, USE_ASM)  # (BN, 4)
-        cz = _f16_bits_to_f32(z, USE_ASM) * SH - 0.5  # (BN, 1)
-        acc += (_f16_bits_to_f32(s, USE_ASM) * sx) * (P - cz * SX)
+            cur = _mma8_group(g, w_ptrs, xq_ptrs, xs_base, s_row, z_row, N, plane_stride, KS, USE_ASM)
+        w, s, z, xs, sx, SX = cur
+        acc = _mma8_step(acc, w, s, z, xs, sx, SX, KS, USE_ASM)
     return tl.sum(acc, axis=1)
 
 

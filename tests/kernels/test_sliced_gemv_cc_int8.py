@@ -53,6 +53,7 @@ def test_every_k_and_mixed_tokens(kv):
     dict(BLOCK_N=64, GPI=1, SPLIT_K=3, num_warps=4, PF=1),  # 5 groups: uneven splits
     dict(BLOCK_N=32, GPI=1, SPLIT_K=1, num_warps=2, PF=0),
     dict(BLOCK_N=128, GPI=1, SPLIT_K=4, SPLIT_K12=2, num_warps=4, PF=1),  # fewer splits at k <= 2
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=1, num_warps=4, PF=2),  # PF 2 (v7's unrolled loop) is PF 1 here; 5 groups
 ])
 def test_split_k_and_prefetch(config):
     run_case((130,), 640, [1, 3, 4, 2], config)
