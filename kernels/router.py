@@ -30,6 +30,9 @@ counts only after its ``griddepcontrol.wait``, which waits for this grid to comp
 with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the engine's CHUNK_K = BLOCK_K = 256), it loads
 its fc1 tile and input scales (constants, never written by a kernel) before its own ``griddepcontrol.wait``, so that
 load overlaps the kernel before it (the norm, the attention, SiLU·up); x, τ, the flags and every store come after.
+With ``x_int8`` (the int8-activation option, act_int8.py), router 0's programs also round their K chunk of x to
+int8 per group of 128 and store the codes and (sx, SX) for the linear after them: the option needs no launch of its
+own (KERNEL_NOTES.md, "Eleventh session").
 The first version ran one program per router over the whole K. That is a serial chain of K / BLOCK_K dependent
 loads, 16 for K = 4096 and 56 for down_proj's K = 14336 (KERNEL_NOTES.md, "router split").
 Arithmetic is fp32 like MoBiRoute.forward (summation order differs, so a score within ~1e-6 of τ may fall on the
