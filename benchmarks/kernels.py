@@ -27,7 +27,6 @@ import json
 import platform
 import statistics
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -169,17 +168,14 @@ def run_checks(layers, results):
                 if not ok:
                     log(f"FAIL gemv {name} {dtype} M={M} k={kv}: max {mx:.2e} norm {rel:.2e} finite {fin}")
             if dtype == torch.float16:  # fp16-only kernels: v7 + v8 (batch 1 every k, 4 tokens mixed), v9 (2..16)
-                fp16_cases = [("gemv_cc", sliced_gemv_cc, [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]),
-                              ("gemv_cc_int8_act", partial(sliced_gemv_cc, int8_act=True),
-                               [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]),
+                cc_cases = [(1, [1]), (1, [2]), (1, [3]), (1, [4]), (4, mixed_k(4))]
+                fp16_cases = [("gemv_cc", sliced_gemv_cc, cc_cases, {}),
+                              ("gemv_cc_int8_act", sliced_gemv_cc, cc_cases, dict(int8_act=True)),
                               ("gemv_mma", sliced_gemv_mma, [(2, [1, 4]), (4, [2] * 4), (4, mixed_k(4)),
-                                                             (8, mixed_k(8, 4)), (16, mixed_k(16, 1))])]
-                for kname, fn, cases16 in fp16_cases:
+                                                             (8, mixed_k(8, 4)), (16, mixed_k(16, 1))], {})]
+                for kname, fn, cases16, opts in fp16_cases:
                     for M, kv in cases16:
-                        if isinstance(fn, partial):  # the int8-activation option: check() quantizes x
-                            mx, rel, fin = check(p, M, kv, dtype, fn=fn.func, **fn.keywords)
-                        else:
-                            mx, rel, fin = check(p, M, kv, dtype, fn=fn)
+                        mx, rel, fin = check(p, M, kv, dtype, fn=fn, **opts)
                         worst = max(worst, rel)
                         ok = fin and mx < 2e-3
                         results["checks"].append(dict(kernel=kname, shape=name, dtype=str(dtype), M=M, k=kv,
@@ -258,30 +254,26 @@ def decode_stack(layers, results, batches, bw, quick=False):
                 k3, k2 = k.view(1, 1).expand(1, 3).contiguous(), k.view(1, 1).expand(1, 2).contiguous()
                 y_qkv = torch.empty(1, sum(SHAPES[n][0] for n in ("q", "k", "v")), device="cuda", dtype=torch.float16)
                 y_gu = torch.empty(1, 2 * SHAPES["gate"][0], device="cuda", dtype=torch.float16)
-                def run_fused():
-                    for L in layers:
-                        sliced_gemv_cc(xin[4096], [L[n]["ours"] for n in ("q", "k", "v")], k3, out=y_qkv)
-                        sliced_gemv_cc(xin[4096], L["o"]["ours"], k, out=outs["o"])
-                        sliced_gemv_cc(xin[4096], [L["gate"]["ours"], L["up"]["ours"]], k2, out=y_gu)
-                        sliced_gemv_cc(xin[14336], L["down"]["ours"], k, out=outs["down"])
-                add_row("sliced_gemv_cc_fused", "v7 cc fused qkv/gu", time_graph(run_fused))
-                # the option with int8 activations (x_int8=): x quantized per group before the graph, as a producer
-                # kernel that also writes int8 would leave it; then with the quantizer launched before each unit
+                # int8 activations (x_int8=): x quantized per group before the graph, as the engine's router launch
+                # leaves it, or by a quantizer launch before each unit
                 x8 = {K: quantize_x_int8(v) for K, v in xin.items()}
+                units = ((4096, ("q", "k", "v"), k3, y_qkv), (4096, ("o",), k, outs["o"]),
+                         (4096, ("gate", "up"), k2, y_gu), (14336, ("down",), k, outs["down"]))
 
-                def run_fused_a8(quantize):
+                def run_fused(int8=False, quantize=False):
                     def run():
                         for L in layers:
-                            for K, ws, kk, y in ((4096, ("q", "k", "v"), k3, y_qkv), (4096, ("o",), k, outs["o"]),
-                                                 (4096, ("gate", "up"), k2, y_gu), (14336, ("down",), k, outs["down"])):
+                            for K, ws, kk, y in units:
                                 if quantize:
                                     quantize_x_int8(xin[K], out=x8[K])
                                 w = [L[n]["ours"] for n in ws] if len(ws) > 1 else L[ws[0]]["ours"]
-                                sliced_gemv_cc(xin[K], w, kk, out=y, x_int8=x8[K])
+                                sliced_gemv_cc(xin[K], w, kk, out=y, x_int8=x8[K] if int8 else None)
                     return run
 
-                add_row("sliced_gemv_cc_fused_int8_act", "v10 int8-act fused", time_graph(run_fused_a8(False)))
-                add_row("sliced_gemv_cc_fused_int8_act_quantizer", "v10 + quantizer   ", time_graph(run_fused_a8(True)))
+                add_row("sliced_gemv_cc_fused", "v7 cc fused qkv/gu", time_graph(run_fused()))
+                add_row("sliced_gemv_cc_fused_int8_act", "v10 int8-act fused", time_graph(run_fused(True)))
+                add_row("sliced_gemv_cc_fused_int8_act_quantizer", "v10 + quantizer   ",
+                        time_graph(run_fused(True, True)))
 
 
 def prefill(layers, results, M=2048, n_layers=2):

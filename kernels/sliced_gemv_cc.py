@@ -960,17 +960,15 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     pdl = bool(cfg.get("PDL", 0)) and use_asm and _has_pdl()
     # MMA bit k - 1: slice count k on the tensor cores; only for groups of 128 and BLOCK_N a multiple of 16 x warps
     # (a tuned entry is keyed by shape, not group size: otherwise the CUDA-core path, always valid)
-    mma = int(cfg.get("MMA", 0)) & ((1 << p0.num_slices) - 1)
-    if p0.group_size != 128 or BN % (16 * cfg.get("num_warps", 4)):
-        mma = 0
+    mma_tile = p0.group_size == 128 and BN % (16 * cfg.get("num_warps", 4)) == 0  # what both mma paths need
+    mma = int(cfg.get("MMA", 0)) & ((1 << p0.num_slices) - 1) if mma_tile else 0
     xs = ws  # a placeholder pointer where x is fp16
     if x_int8 is not None:
-        xq, xs = x_int8
-        if p0.group_size != 128 or BN % (16 * cfg.get("num_warps", 4)):
+        if not mma_tile:
             raise ValueError(f"int8 activations need groups of 128 and BLOCK_N a multiple of 16 x num_warps, got "
                              f"group {p0.group_size}, BLOCK_N {BN}, {cfg.get('num_warps', 4)} warps")
         check_x_int8(x_int8, M, K, p0.group_size, x.device)
-        xi = xq
+        xi, xs = x_int8
     rest = []  # weights 2 and 3 (the first one's tensors and N = 0 where absent)
     for i in (1, 2):
         p = packs[i] if i < len(packs) else p0
