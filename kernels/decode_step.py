@@ -33,11 +33,12 @@ writes are visible, so nothing is read or written early (KERNEL_NOTES.md, "glue 
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
-
-from .router import _pdl, _pdl_launch
 
 PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
 ASM_GDC_ENTER = tl.constexpr("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;")
@@ -51,6 +52,29 @@ def _pdl_enter(PDL: tl.constexpr):
                                   is_pure=False, pack=1)
 
 
+def _pdl(device) -> bool:
+    """Whether griddepcontrol can be issued: a Hopper (or later) GPU, not the interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return _sm90(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=1)
+def _pdl_launch() -> bool:
+    """Whether this triton launches with programmatic dependent launch (the launch_pdl option)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _pdl_opts(t: torch.Tensor) -> dict:
     """Launch options: PDL on where it can run (the kernel's PDL constexpr and triton's launch_pdl together)."""
     on = PDL and _pdl(t.device) and _pdl_launch()
@@ -58,21 +82,46 @@ def _pdl_opts(t: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ add + RMSNorm
+NORM_CHUNK = 256  # features per program of add_rms_norm: the router's chunk (router.CHUNK_K), so both split alike
+NORM_WARPS = 4  # add_rms_norm and the router kernel: the same warps, so add_rms_rstd reduces in the same order
+
+
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, h_out_ptr, x_out_ptr, D, eps, HAS_R: tl.constexpr,
-                         BLOCK: tl.constexpr, PDL: tl.constexpr):
-    _pdl_enter(PDL)
-    offs = tl.arange(0, BLOCK)
+def add_rms_rstd(h_ptr, r_ptr, D, eps, HAS_R: tl.constexpr, DP: tl.constexpr):
+    """1 / rms(h + r) over the whole row (fp32 scalar), h + r rounded to the activation dtype as torch's add.
+    Shared by add_rms_norm and the router's norm prologue (router.py), launched with the same warps (NORM_WARPS),
+    so that both reduce in the same order and give the same bits."""
+    offs = tl.arange(0, DP)
     mask = offs < D
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    if HAS_R:
+        h = (h.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
+    hf = h.to(tl.float32)
+    return tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+
+
+@triton.jit
+def add_rms_norm_tile(h_ptr, r_ptr, w_ptr, offs, mask, rstd, HAS_R: tl.constexpr):
+    """(h + r, w * (h + r) * rstd) at offs, both in the activation dtype, rounded as HF's LlamaRMSNorm."""
     h = tl.load(h_ptr + offs, mask=mask, other=0.0)
     if HAS_R:  # residual add, rounded to the activation dtype as torch's h + r
         h = (h.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
-    tl.store(h_out_ptr + offs, h, mask=mask)
-    hf = h.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
-    n = (hf * rstd).to(h.dtype)  # HF: hidden_states.to(input_dtype), then weight * it
+    n = (h.to(tl.float32) * rstd).to(h.dtype)  # HF: hidden_states.to(input_dtype), then weight * it
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    tl.store(x_out_ptr + offs, (w.to(tl.float32) * n.to(tl.float32)).to(x_out_ptr.dtype.element_ty), mask=mask)
+    return h, (w.to(tl.float32) * n.to(tl.float32)).to(h.dtype)
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, h_out_ptr, x_out_ptr, D, eps, HAS_R: tl.constexpr,
+                         DP: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Program c: the whole row's rstd, then features [c * CHUNK, (c + 1) * CHUNK)."""
+    _pdl_enter(PDL)
+    rstd = add_rms_rstd(h_ptr, r_ptr, D, eps, HAS_R, DP)
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < D
+    h, x = add_rms_norm_tile(h_ptr, r_ptr, w_ptr, offs, mask, rstd, HAS_R)
+    tl.store(h_out_ptr + offs, h, mask=mask)
+    tl.store(x_out_ptr + offs, x, mask=mask)
 
 
 def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
@@ -83,9 +132,10 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
         raise ValueError(f"add_rms_norm: one token of {D} features, got h {tuple(h.shape)}, w {tuple(w.shape)}")
     h_out = torch.empty_like(h)
     x_out = torch.empty_like(h)
-    BLOCK = triton.next_power_of_2(D)
-    _add_rms_norm_kernel[(1,)](h, r if r is not None else h, w, h_out, x_out, D, float(eps), HAS_R=r is not None,
-                               BLOCK=BLOCK, num_warps=max(1, min(16, BLOCK // 512)), **_pdl_opts(h))
+    chunk = min(NORM_CHUNK, triton.next_power_of_2(D))
+    _add_rms_norm_kernel[(triton.cdiv(D, chunk),)](h, r if r is not None else h, w, h_out, x_out, D, float(eps),
+                                                   HAS_R=r is not None, DP=triton.next_power_of_2(D), CHUNK=chunk,
+                                                   num_warps=NORM_WARPS, **_pdl_opts(h))
     return h_out, x_out
 
 
@@ -213,15 +263,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # ------------------------------------------------------------------------------------------ SiLU · up
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    _pdl_enter(PDL)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+def silu_mul_tile(g_ptr, u_ptr, offs, mask):
+    """silu(g) * u at offs in the activation dtype, rounded as torch's act_fn(g) * u (also the router's prologue)."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     gf = g.to(tl.float32)
     a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)  # act_fn(g), rounded as torch's silu
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, (a * u).to(g.dtype), mask=mask)
+    return (a * u).to(g.dtype)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_enter(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(y_ptr + offs, silu_mul_tile(g_ptr, u_ptr, offs, mask), mask=mask)
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,12 @@ load overlaps the kernel before it (the norm, the attention, SiLU·up); x, τ, t
 With ``x_int8`` (the int8-activation option, act_int8.py), router 0's programs also round their K chunk of x to
 int8 per group of 128 and store the codes and (sx, SX) for the linear after them: the option needs no launch of its
 own (KERNEL_NOTES.md, "Eleventh session").
+A prologue (``route_partials(norm=...)`` or ``silu=``) lets the launch compute x itself from the tensors of the step
+before, so that the glue kernel before it is not launched: ``norm=(h, r, w, eps)``, the residual add and RMSNorm of
+``decode_step.add_rms_norm`` (each program computes the row's rstd, then its chunk); ``silu=(g, u)``, SiLU·up. Both
+run decode_step's own code (``add_rms_rstd``, ``add_rms_norm_tile``, ``silu_mul_tile``, the same warps), so x is bit
+for bit the glue kernel's. Router 0's programs store x (and h + r) for the linear and the rest of the step
+(KERNEL_NOTES.md, "Twelfth session").
 The first version ran one program per router over the whole K. That is a serial chain of K / BLOCK_K dependent
 loads, 16 for K = 4096 and 56 for down_proj's K = 14336 (KERNEL_NOTES.md, "router split").
 Arithmetic is fp32 like MoBiRoute.forward (summation order differs, so a score within ~1e-6 of τ may fall on the
@@ -41,7 +47,6 @@ other side). The pure-torch twin is ``mobiquant.ops.route_counts_ref``.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -50,6 +55,7 @@ import triton
 import triton.language as tl
 
 from .act_int8 import check_x_int8, quantize_groups, xdest
+from .decode_step import NORM_WARPS, _pdl, _pdl_launch, add_rms_norm_tile, add_rms_rstd, silu_mul_tile
 from .sliced_gemv import _scratch
 
 CHUNK_K = 256  # K per program: one (HP, BLOCK_K) tile of fc1 each, 16 programs per router at K = 4096
@@ -116,10 +122,12 @@ def route_finish(ws_r, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, r, H: t
 @triton.jit
 def _route_counts_kernel(
     x_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, given_ptr, cin_ptr, out_ptr, ws_ptr,
-    cnt_ptr, xq_ptr, xs_ptr, dest_ptr, K, CHUNK, H: tl.constexpr, EM1: tl.constexpr, HP: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr,
-    ONE_TILE: tl.constexpr, FINISH: tl.constexpr, RN: tl.constexpr, QUANT: tl.constexpr,
+    cnt_ptr, xq_ptr, xs_ptr, dest_ptr, a_ptr, b_ptr, nw_ptr, hout_ptr, xout_ptr, eps, K, CHUNK, H: tl.constexpr,
+    EM1: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, TRIGGER: tl.constexpr,
+    WAIT: tl.constexpr, ONE_TILE: tl.constexpr, FINISH: tl.constexpr, RN: tl.constexpr, QUANT: tl.constexpr,
+    PRO: tl.constexpr, HAS_R: tl.constexpr, DP: tl.constexpr,
 ):
+    """PRO: 0 x given; 1 x = norm(a + b) (add_rms_norm: a = h, b = r, nw the norm weight); 2 x = silu(a) * b."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     if TRIGGER:  # the dependent linear (v7, PDL) touches only its weights until its griddepcontrol.wait
@@ -138,10 +146,22 @@ def _route_counts_kernel(
     if WAIT:  # launched with PDL: x, tau, the flags and the workspace only after the previous grid completed
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
-    if QUANT:  # router 0's programs also write x's int8 codes for the linear after them (act_int8, groups of 128)
-        if r == 0:
-            quantize_groups(tl.load(x_ptr + k_lo + tl.arange(0, BLOCK_K)), xq_ptr, xs_ptr, k_lo, dest_ptr,
-                            BLOCK_K // 128, 128)
+    if ONE_TILE:  # the program's K chunk of x: given, or computed by the prologue (router 0 stores it)
+        if PRO == 1:
+            hc, xv = add_rms_norm_tile(a_ptr, b_ptr, nw_ptr, offs_k1, k_mask1,
+                                       add_rms_rstd(a_ptr, b_ptr, K, eps, HAS_R, DP), HAS_R)
+            if r == 0:
+                tl.store(hout_ptr + offs_k1, hc, mask=k_mask1)
+                tl.store(xout_ptr + offs_k1, xv, mask=k_mask1)
+        elif PRO == 2:
+            xv = silu_mul_tile(a_ptr, b_ptr, offs_k1, k_mask1)
+            if r == 0:
+                tl.store(xout_ptr + offs_k1, xv, mask=k_mask1)
+        else:
+            xv = tl.load(x_ptr + offs_k1, mask=k_mask1, other=0.0)
+        if QUANT:  # router 0's programs also write x's int8 codes for the linear after them (groups of 128)
+            if r == 0:
+                quantize_groups(xv, xq_ptr, xs_ptr, k_lo, dest_ptr, BLOCK_K // 128, 128)
     given = tl.load(given_ptr + r) != 0
     if given:  # uniform / random modes, routerless linears: no fc1 to stream
         if FINISH:
@@ -150,8 +170,7 @@ def _route_counts_kernel(
     else:
         acc = tl.zeros((HP,), tl.float32)
         if ONE_TILE:
-            xv = tl.load(x_ptr + offs_k1, mask=k_mask1, other=0.0).to(tl.float32)
-            acc += tl.sum(w_t * (xv / s_t)[None, :], axis=1)
+            acc += tl.sum(w_t * (xv.to(tl.float32) / s_t)[None, :], axis=1)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -176,29 +195,6 @@ def _route_counts_kernel(
                                                    HP, SPLIT, True, RN))
 
 
-def _pdl(device) -> bool:
-    """Whether griddepcontrol can be issued: a Hopper (or later) GPU, not the interpreter."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    return _sm90(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=1)
-def _pdl_launch() -> bool:
-    """Whether this triton launches with programmatic dependent launch (the launch_pdl option)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        return "launch_pdl" in CUDAOptions.__dataclass_fields__
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@functools.lru_cache(maxsize=16)
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def _i8(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int8) if t.dtype == torch.bool else t
 
@@ -206,9 +202,10 @@ def _i8(t: torch.Tensor) -> torch.Tensor:
 def _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name):
     R, H, K = w1.shape
     EM1 = w2.shape[1]
-    if x.numel() != K or s.shape != (R, K) or w2.shape != (R, EM1, H) or tau.shape != (R,):
-        raise ValueError(f"{name}: x {tuple(x.shape)}, s {tuple(s.shape)}, w1 {tuple(w1.shape)}, "
-                         f"w2 {tuple(w2.shape)}, tau {tuple(tau.shape)} do not fit")
+    if (x is not None and x.numel() != K) or s.shape != (R, K) or w2.shape != (R, EM1, H) or tau.shape != (R,):
+        xs = None if x is None else tuple(x.shape)
+        raise ValueError(f"{name}: x {xs}, s {tuple(s.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+                         f"tau {tuple(tau.shape)} do not fit")
     if counts_in.dtype != torch.int32:
         raise ValueError("counts_in must be int32")
     chunk = min(chunk_k or CHUNK_K, K)
@@ -217,15 +214,60 @@ def _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name):
     return R, H, K, EM1, chunk, split, HP
 
 
+@dataclass
+class Prologue:
+    """The glue a router launch computes its input with (route_partials' norm= / silu=): kind 1 add + RMSNorm of
+    a = h, b = r (None: no add), weight w; kind 2 SiLU(a = g) * (b = u). h_out, x_out: where router 0 stores them."""
+
+    kind: int
+    a: torch.Tensor
+    b: torch.Tensor | None
+    x_out: torch.Tensor
+    h_out: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    eps: float = 0.0
+
+
+def _prologue(x, norm, silu, K: int, name: str) -> Prologue | None:
+    if norm is None and silu is None:
+        if x is None:
+            raise ValueError(f"{name}: x, norm= or silu= is needed")
+        return None
+    if x is not None or (norm is not None and silu is not None):
+        raise ValueError(f"{name}: give one of x, norm= and silu=")
+    if norm is not None:
+        h, r, w, eps = norm
+        pro = Prologue(1, h, r, torch.empty_like(h), torch.empty_like(h), w, float(eps))
+    else:
+        g, u = silu
+        pro = Prologue(2, g, u, torch.empty_like(g))
+    ts = [t for t in (pro.a, pro.b, pro.w) if t is not None]
+    if any(t.numel() != K or not t.is_contiguous() or t.device != pro.a.device for t in ts) or \
+            pro.a.dtype not in (torch.float16, torch.bfloat16) or (pro.b is not None and pro.b.dtype != pro.a.dtype):
+        raise ValueError(f"{name}: the prologue's tensors must be {K} contiguous fp16/bf16 features of one token, "
+                         f"got {[(tuple(t.shape), t.dtype) for t in ts]}")
+    return pro
+
+
 def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, finish, name,
-            x_int8=None):
+            x_int8=None, pro: Prologue | None = None):
     R, H, K, EM1, chunk, split, HP = _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name)
     block_k = min(256, triton.next_power_of_2(chunk))
+    if pro is not None:
+        if chunk > block_k:
+            raise ValueError(f"{name}: a prologue needs a chunk of at most 256 in-features, got {chunk}")
+        x = pro.x_out
     if x_int8 is not None:  # each program quantizes its whole chunk: whole groups of 128, one tile, no tail
         if chunk % 128 or chunk != block_k or K % chunk:
             raise ValueError(f"{name}: x_int8 needs K ({K}) a multiple of a chunk of 128 or 256 in-features")
         check_x_int8(x_int8, 1, K, 128, x.device)
     xq, xs = (x_int8[0].view(torch.int8), x_int8[1]) if x_int8 is not None else (out, out)
+    a = b = nw = hout = x
+    if pro is not None:
+        a = pro.a
+        b = pro.b if pro.b is not None else a
+        nw = pro.w if pro.w is not None else a
+        hout = pro.h_out if pro.h_out is not None else a
     # the router's own partials and counters: never shared with the linears' split-K counters, whose PDL launches
     # may overlap a router launch
     ws, cnt = _scratch(x.device, R * split * HP, R, store=_SCRATCH)
@@ -233,9 +275,12 @@ def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, ou
     wait = PDL_WAIT and pdl and _pdl_launch()
     _route_counts_kernel[(R, split)](
         x.reshape(-1), s, w1, b1, w2, b2, tau, _i8(force_on), _i8(force_off), _i8(given), counts_in, out, ws, cnt,
-        xq, xs, xdest(x.device), K, chunk, H=H, EM1=EM1, HP=HP, BLOCK_K=block_k, SPLIT=split,
-        TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k, FINISH=finish, QUANT=x_int8 is not None,
-        RN=x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=4,
+        xq, xs, xdest(x.device), a, b, nw, hout, x, pro.eps if pro is not None else 0.0, K, chunk, H=H, EM1=EM1,
+        HP=HP, BLOCK_K=block_k, SPLIT=split, TRIGGER=PDL_TRIGGER and pdl, WAIT=wait, ONE_TILE=chunk <= block_k,
+        FINISH=finish, QUANT=x_int8 is not None, PRO=pro.kind if pro is not None else 0,
+        HAS_R=pro is not None and pro.b is not None, DP=triton.next_power_of_2(K),
+        RN=x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1",
+        num_warps=NORM_WARPS,  # the norm prologue's rstd reduces in add_rms_norm's order (decode_step.NORM_WARPS)
         **({"launch_pdl": True} if wait else {}),
     )
     return ws, dict(H=H, EM1=EM1, HP=HP, SPLIT=split)
@@ -271,16 +316,19 @@ class RoutePlan:
     out: torch.Tensor
     meta: dict = field(default_factory=dict)
     r_off: int = 0
+    x: torch.Tensor | None = None  # the launch's input (K,): x, or what its prologue computed (norm=, silu=)
+    h: torch.Tensor | None = None  # norm=: h + r (K,), the residual stream after the add
 
     def args(self) -> list:
         return [self.ws, self.b1, self.w2, self.b2, self.tau, _i8(self.force_on), _i8(self.force_off),
                 _i8(self.given), self.counts_in, self.out]
 
 
-def route_partials(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+def route_partials(x: torch.Tensor | None, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                    b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
                    given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None,
-                   chunk_k: int | None = None, x_int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> RoutePlan:
+                   chunk_k: int | None = None, x_int8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   norm: tuple | None = None, silu: tuple | None = None) -> RoutePlan:
     """The first half of ``route_counts``: the same launch with FINISH off, so its programs only store their fc1
     partials (a router whose count is given stores nothing); no counter, no last program. The linear launched next
     (``sliced_gemv_cc(..., route=plan)``) sums them, finishes fc2 and the thresholds in each program and stores the
@@ -290,13 +338,21 @@ def route_partials(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch
 
     ``x_int8``: buffers (xq (1, K/4) int32, xs (1, K/128, 2) fp32) that router 0's programs fill with x quantized
     per group of 128 (act_int8.quantize_x_int8's codes), for a linear launched with ``x_int8=`` after this launch:
-    so the int8 path needs no quantizer launch of its own."""
+    so the int8 path needs no quantizer launch of its own.
+
+    ``norm=(h, r, w, eps)`` (x None): x = w * rmsnorm(h + r) (r None: no add), as ``decode_step.add_rms_norm``
+    computes it, bit for bit; ``plan.x`` and ``plan.h`` (= h + r) are new tensors that router 0 fills.
+    ``silu=(g, u)`` (x None): x = silu(g) * u, as ``decode_step.silu_mul``; ``plan.x``. Either saves the step the
+    glue kernel's launch; the chunk must be at most 256 features (the default)."""
     if w1.shape[1] > 64:  # route_finish's layout argument: at most one hidden unit per thread of a 2-warp program
         raise ValueError(f"route_partials: router hidden size {w1.shape[1]} above 64")
-    out = torch.empty(w1.shape[0], dtype=torch.int32, device=x.device) if out is None else out
+    pro = _prologue(x, norm, silu, w1.shape[2], "route_partials")
+    dev = s.device
+    out = torch.empty(w1.shape[0], dtype=torch.int32, device=dev) if out is None else out
     ws, meta = _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, False,
-                       "route_partials", x_int8)
-    return RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, meta)
+                       "route_partials", x_int8, pro)
+    return RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, meta,
+                     x=x if pro is None else pro.x_out, h=None if pro is None else pro.h_out)
 
 
 __all__ = ["route_counts", "route_partials", "RoutePlan", "CHUNK_K"]

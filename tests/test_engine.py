@@ -126,29 +126,31 @@ def test_fused_decode_glue_matches_torch_glue(fixture, routed_model, request):
 
 @pytest.mark.parametrize("allocation", ["nested", "band"])
 def test_fused_router_equals_router_kernel(tiny_llama, routed_model, allocation):
-    """fuse_router (the routers' fc1 partials, then each linear finishing its counts) against the same engine with
-    the router kernel finishing them: counts and logits equal, bit for bit, at budgets (nested and band), uniform k
+    """fuse_router (the routers' fc1 partials, then each linear finishing its counts), with and without
+    router_glue (the norms and SiLU·up computed by the router launches), against the same engine with the router
+    kernel finishing them: counts and logits equal, bit for bit, at budgets (nested and band), uniform k
     and given (random) counts; the trace's counts come out in the same order."""
     pytest.importorskip("triton")
     model = routed_model(tiny_llama)
     attach_thresholds_(model, "layer", allocation)
     model = model.half().to(DEVICE)
-    ef = DecodeEngine(model, 24, use_kernels=True, capture=False)
+    ef = DecodeEngine(model, 24, use_kernels=True, capture=False)  # router_glue: norms and SiLU·up in the routers
+    eg = DecodeEngine(model, 24, use_kernels=True, capture=False, router_glue=False)
     er = DecodeEngine(model, 24, use_kernels=True, capture=False, fuse_router=False)
-    assert ef.fuse_router and not er.fuse_router
+    assert ef.fuse_router and ef.router_glue and eg.fuse_router and not eg.router_glue and not er.fuse_router
     ids = torch.randint(0, 96, (3,), device=DEVICE)
     given = torch.randint(1, 5, (ef.n_linears,), generator=torch.Generator().manual_seed(3))
     setups = [lambda e: e.set_budget(5.0), lambda e: e.set_budget(3.25), lambda e: e.set_k(3),
               lambda e: e.set_counts(given)]
     seen = set()
     for setup in setups:
-        for e in (ef, er):
+        for e in (ef, eg, er):
             setup(e)
             e.prefill(ids)
         for _ in range(2):
             tok = int(torch.randint(0, 96, (1,)))
-            (l1, c1), (l2, c2) = ef.decode(tok), er.decode(tok)
-            assert torch.equal(c1, c2) and torch.equal(l1, l2)
+            (l1, c1), (l2, c2), (l3, c3) = ef.decode(tok), eg.decode(tok), er.decode(tok)
+            assert torch.equal(c1, c2) and torch.equal(l1, l2) and torch.equal(c1, c3) and torch.equal(l1, l3)
             seen |= set(c1.tolist())
     assert len(seen) > 2
 
@@ -161,6 +163,8 @@ def test_fused_router_needs_fp16_and_fused_linears(tiny_llama, routed_model):
     with pytest.raises(MoBiQuantError, match="fuse_router"):
         DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_linears=False, fuse_router=True)
     assert not DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_linears=False).fuse_router
+    with pytest.raises(MoBiQuantError, match="router_glue"):
+        DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_router=False, router_glue=True)
 
 
 def _wide_llama():
@@ -215,6 +219,19 @@ def test_elastic_generate_int8_activations_need_cuda(tiny_llama, routed_model):
     with pytest.raises(MoBiQuantError, match="CUDA decode engine"):
         next(elastic_generate(model, WordTokenizer(), "w5 w6", BudgetControl(4.0), max_new_tokens=2,
                               int8_activations=True))
+
+
+@pytest.mark.parametrize("n", [128256, 1000, 257, 96, 5])
+def test_greedy_is_the_first_argmax(n):
+    """The decode step's two-stage argmax equals torch's (the first maximum), ties and a padded last block too."""
+    from mobiquant.engine import greedy
+
+    g = torch.Generator().manual_seed(n)
+    for t in range(20):
+        v = torch.randn(n, generator=g)
+        if t % 2:  # many ties: the first maximum must win
+            v = (v * 2).round()
+        assert int(greedy(v)) == int(v.argmax())
 
 
 def test_fused_glue_needs_a_fitting_model(tiny_llama):

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from kernel_helpers import DEVICE, graph_replays_equal_eager, make_weight  # noqa: E402
 from mobiquant.kernels import pack_slices, quantize_x_int8, sliced_gemv_cc  # noqa: E402
 from mobiquant.kernels import router as rk  # noqa: E402
+from mobiquant.kernels.decode_step import add_rms_norm, silu_mul  # noqa: E402
 
 from mobiquant.ops import router_scores  # noqa: E402
 
@@ -157,6 +158,73 @@ def test_router_int8_activations_reject_bad_arguments():
     rt = router_stack(1, 16, 256, 4, g)
     with pytest.raises(ValueError, match="x_int8 must be"):
         rk.route_partials(x[:256], *rt, torch.zeros(1, device=DEVICE), *flags(1, 4, g), x_int8=bufs)
+
+
+def prologue_case(kind, K, residual, g, dtype=torch.float16):
+    """(route_partials keywords, the glue kernel's (x, h + r or None)) for a norm or SiLU·up prologue."""
+    a = (torch.randn(K, generator=g) * 3).to(dtype).to(DEVICE)[None]  # (1, K): one token, as the engine has it
+    b = (torch.randn(K, generator=g) * 2).to(dtype).to(DEVICE)[None]
+    if kind == "norm":
+        w = (torch.rand(K, generator=g) + 0.5).to(dtype).to(DEVICE)
+        r = b if residual else None
+        h, x = add_rms_norm(a, r, w, 1e-5)
+        return dict(norm=(a, r, w, 1e-5)), x, h
+    return dict(silu=(a, b)), silu_mul(a, b), None
+
+
+@pytest.mark.parametrize("kind,K,residual,int8,given_p", [
+    ("norm", 512, True, True, 0.0),  # the post-attention norm, int8 codes from the computed x
+    ("norm", 320, False, False, 0.5),  # the first block's norm (no add), a short last chunk, some counts given
+    ("silu", 768, None, True, 0.5),
+    ("silu", 320, None, False, 0.0),
+    *(pytest.param(*case, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")])
+      for case in (("norm", 4096, True, True, 0.3), ("silu", 14336, None, True, 0.3))),  # LLaMA-3-8B widths
+])
+def test_router_prologue_equals_the_glue_kernel(kind, K, residual, int8, given_p):
+    """route_partials(norm= / silu=): the launch computes x itself, bit for bit what add_rms_norm / silu_mul give
+    (the same Triton code and warps), h + r too; the counts and the linear after it equal those on the glue
+    kernel's x, and so do the int8 codes."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    packs = weights([96, 64], K, 128 if int8 else 64)
+    rt = router_stack(2, 16, K, 4, g)
+    kw, x_ref, h_ref = prologue_case(kind, K, residual, g)
+    tau = router_scores(x_ref.float(), *rt)[0][:, 0].float() + torch.tensor([1e-2, -1e-2], device=DEVICE)
+    fl = flags(2, 4, g, given_p=given_p)
+    bufs = None
+    if int8:
+        want_q, want_s = quantize_x_int8(x_ref)
+        bufs = (torch.full_like(want_q, -1), torch.full_like(want_s, float("nan")))  # poisoned
+    plan = rk.route_partials(None, *rt, tau, *fl, x_int8=bufs, **kw)
+    assert torch.equal(plan.x.reshape(-1), x_ref.reshape(-1))
+    assert (plan.h is None) == (h_ref is None) and (h_ref is None or torch.equal(plan.h, h_ref))
+    counts = rk.route_counts(x_ref.reshape(-1), *rt, tau, *fl)
+    cfg = dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1)
+    y = sliced_gemv_cc(plan.x.reshape(1, -1), packs, None, config=cfg, route=plan, x_int8=bufs)
+    y_ref = sliced_gemv_cc(x_ref.reshape(1, -1), packs, counts[None], config=cfg,
+                           x_int8=None if bufs is None else (want_q, want_s))
+    assert torch.equal(plan.out, counts) and torch.equal(y, y_ref)
+    if int8:
+        assert torch.equal(bufs[0], want_q) and torch.equal(bufs[1], want_s)
+
+
+def test_router_prologue_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(4)
+    rt = router_stack(1, 16, 512, 4, g)
+    fl = flags(1, 4, g)
+    tau = torch.zeros(1, device=DEVICE)
+    kw, x, _ = prologue_case("silu", 512, None, g)
+    with pytest.raises(ValueError, match="one of x"):
+        rk.route_partials(x.reshape(-1), *rt, tau, *fl, **kw)
+    with pytest.raises(ValueError, match="x, norm= or silu="):
+        rk.route_partials(None, *rt, tau, *fl)
+    with pytest.raises(ValueError, match="at most 256"):
+        rk.route_partials(None, *rt, tau, *fl, chunk_k=1 << 20, **kw)
+    a, b = kw["silu"]
+    with pytest.raises(ValueError, match="512 contiguous"):
+        rk.route_partials(None, *rt, tau, *fl, silu=(a, b[:, :128]))
+    with pytest.raises(ValueError, match="512 contiguous"):
+        rk.route_partials(None, *rt, tau, *fl, norm=(a.float(), None, a.float()[0], 1e-5))
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only

@@ -1,0 +1,198 @@
+"""Where the decode step's time goes beyond the linears (H100): the engine's step at budgets 2 and 4, at uniform
+k = 1 and 2 with the router launches in the graph (counts given: fc1 skipped), and with no router launch at all
+(every group unrouted, counts from counts_in), for the fp16- and the int8-activation engine; plus a torch.profiler
+sum per kernel category at budget 2 and with no router at k = 1.
+
+Why: the end-to-end targets (450 tok/s at 4 bits, 600 at 2) leave 2.22 / 1.67 ms per step; the linears take
+~1.6 / ~1.1 ms of it in the isolated stack. This says how much of the rest is router launches, router work, glue and
+lm_head, and so what fusing them could save.
+
+Part ``glue_ab`` (twelfth session): the engine's ``router_glue`` (the norms before q/k/v and gate/up and SiLU·up
+computed inside the router launches, 96 launches fewer per step) off and on, alternating 3 rounds with one capture
+each, at budgets 2 and 4 and k = 2, fp16 and int8 activations; the logits and counts of 4 greedy steps compared
+(must be equal).
+
+Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax against the engine's two-stage
+``greedy``, alternating rounds (int8 engine, budget 2).
+
+Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
+linears), so that kernels do not overlap and torch.profiler's per-kernel times are their own: the step's time by
+kernel category, int8 engine at budgets 2 and 4 (the step is slower than with PDL; the shares are what it says).
+
+    OUT=/tmp PYTHONPATH=<package> python3 -P benchmarks/experiments/step_overhead.py   # $OUT/step_overhead_h100.json
+    PARTS=glue_ab ...                                                   # a subset of overhead,glue_ab,argmax,nopdl
+    LAYERS=4 ...                                                                          # smoke test
+"""
+
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import triton
+
+from mobiquant import MoBiQuantConfig, quantize_
+from mobiquant.engine import DecodeEngine
+
+spec = importlib.util.spec_from_file_location("decode_bench", Path(__file__).parents[1] / "decode.py")
+DB = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(DB)
+OUT = Path(os.environ.get("OUT", "/tmp"))
+LAYERS = int(os.environ.get("LAYERS", "32"))
+PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")
+
+
+def step_ms(eng, prompt, rounds=3):
+    return statistics.median(DB.graph_step_ms(eng, prompt) for _ in range(rounds))
+
+
+def glue_ab(model, prompt, res, save):
+    """router_glue off / on, alternating rounds (module docstring)."""
+    ab = res["glue_ab"] = dict(rounds=[], median_step_ms={}, equal={})
+    for int8 in (False, True):
+        tag = "int8" if int8 else "fp16"
+        eng = DecodeEngine(model, 1024, int8_activations=int8, capture=False)
+        cases = (("budget_2", "set_budget", 2.0), ("budget_4", "set_budget", 4.0), ("k2", "set_k", 2))
+        outs = {}
+        for rnd in range(3):
+            for on in (False, True):
+                eng.router_glue = on
+                eng.capture()
+                for name, setter, arg in cases:
+                    getattr(eng, setter)(arg)
+                    ms = DB.graph_step_ms(eng, prompt)
+                    ab["rounds"].append(dict(engine=tag, case=name, router_glue=on, round=rnd, step_ms=ms))
+                    DB.log(f"round {rnd} {tag} {name} router_glue={int(on)}: {ms:.3f} ms/step")
+                    if rnd == 0:
+                        eng.prefill(prompt)
+                        outs[(name, on)] = [tuple(t.clone() for t in eng.decode()) for _ in range(4)]
+                    save()
+        for name, _, _ in cases:
+            off = [r["step_ms"] for r in ab["rounds"] if (r["engine"], r["case"], r["router_glue"]) == (tag, name, 0)]
+            on = [r["step_ms"] for r in ab["rounds"] if (r["engine"], r["case"], r["router_glue"]) == (tag, name, 1)]
+            eq = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                     for a, b in zip(outs[(name, False)], outs[(name, True)]))
+            ab["median_step_ms"][f"{tag}_{name}"] = dict(off=statistics.median(off), on=statistics.median(on))
+            ab["equal"][f"{tag}_{name}"] = eq
+        del eng
+        torch.cuda.empty_cache()
+    DB.log("\n| engine, case | router_glue off, ms/step | on | logits and counts equal |\n|---|---|---|---|")
+    for n, v in ab["median_step_ms"].items():
+        DB.log(f"| {n} | {v['off']:.3f} | {v['on']:.3f} ({100 * (v['on'] / v['off'] - 1):+.1f} %) | "
+               f"{ab['equal'][n]} |")
+    save()
+
+
+def nopdl_profile(model, prompt, res, save):
+    """Kernel times with PDL off everywhere (module docstring)."""
+    import importlib
+
+    from mobiquant.kernels import decode_step
+    from mobiquant.kernels import router as router_kernel
+
+    sliced_gemv_cc = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")  # the module, not the function
+
+    saved = decode_step.PDL, router_kernel.PDL_WAIT, router_kernel.PDL_TRIGGER, sliced_gemv_cc._has_pdl
+    decode_step.PDL = router_kernel.PDL_WAIT = router_kernel.PDL_TRIGGER = False
+    sliced_gemv_cc._has_pdl = lambda: False
+    try:
+        eng = DecodeEngine(model, 1024, int8_activations=True)
+        for b in (2.0, 4.0):
+            eng.set_budget(b)
+            name = f"int8_budget_{b:g}_no_pdl"
+            res["step_ms"][name] = ms = step_ms(eng, prompt)
+            res["profile"][name] = DB.kernel_profile(eng, prompt)
+            DB.log(f"{name}: {ms:.3f} ms/step")
+            save()
+        del eng
+        torch.cuda.empty_cache()
+    finally:
+        decode_step.PDL, router_kernel.PDL_WAIT, router_kernel.PDL_TRIGGER, sliced_gemv_cc._has_pdl = saved
+
+
+def argmax_ab(model, prompt, res, save):
+    """The greedy feedback by torch's argmax against the engine's two-stage one, alternating rounds."""
+    import mobiquant.engine as engine_mod
+
+    ab = res["argmax_ab"] = dict(rounds=[])
+    two_stage = engine_mod.greedy
+    eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
+    eng.set_budget(2.0)
+    for rnd in range(3):
+        for name, fn in (("torch_argmax", lambda v: v.argmax()), ("two_stage", two_stage)):
+            engine_mod.greedy = fn
+            eng.capture()
+            ms = DB.graph_step_ms(eng, prompt)
+            ab["rounds"].append(dict(round=rnd, argmax=name, step_ms=ms))
+            DB.log(f"round {rnd} int8 budget 2, {name}: {ms:.4f} ms/step")
+            save()
+    engine_mod.greedy = two_stage
+    del eng
+    torch.cuda.empty_cache()
+
+
+def main():
+    import transformers
+
+    res = dict(info=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                         transformers=transformers.__version__,
+                         date=datetime.datetime.now().isoformat(timespec="seconds"), layers=LAYERS),
+               step_ms={}, profile={})
+    out = OUT / os.environ.get("OUT_NAME", "step_overhead_h100.json")
+
+    def save():
+        out.write_text(json.dumps(res, indent=1))
+
+    model = DB.build_model(LAYERS)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128256, (32,), generator=g).cuda()
+    with torch.no_grad():
+        quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
+        DB.attach_random_routers(model)
+        if "glue_ab" in PARTS:
+            glue_ab(model, prompt, res, save)
+        if "argmax" in PARTS:
+            argmax_ab(model, prompt, res, save)
+        if "nopdl" in PARTS:
+            nopdl_profile(model, prompt, res, save)
+        for int8 in ((False, True) if "overhead" in PARTS else ()):
+            tag = "int8" if int8 else "fp16"
+            eng = DecodeEngine(model, 1024, int8_activations=int8)  # router_glue on (the default)
+            for name, setter, arg in (("budget_2", "set_budget", 2.0), ("budget_4", "set_budget", 4.0),
+                                      ("k1_router_launches", "set_k", 1), ("k2_router_launches", "set_k", 2)):
+                getattr(eng, setter)(arg)
+                res["step_ms"][f"{tag}_{name}"] = ms = step_ms(eng, prompt)
+                DB.log(f"{tag} {name}: {ms:.3f} ms/step")
+                if name == "budget_2":
+                    res["profile"][f"{tag}_{name}"] = DB.kernel_profile(eng, prompt)
+                save()
+            if not int8:  # no router launch at all (the int8 path needs the router launch to quantize x)
+                for grp in (g for blk in eng.groups for g in blk.values() if g is not None):
+                    grp.routed = False
+                eng.capture()
+                for k in (1, 2):
+                    eng.set_k(k)
+                    res["step_ms"][f"{tag}_k{k}_no_router"] = ms = step_ms(eng, prompt)
+                    DB.log(f"{tag} k{k} no router: {ms:.3f} ms/step")
+                    if k == 1:
+                        res["profile"][f"{tag}_k1_no_router"] = DB.kernel_profile(eng, prompt)
+                    save()
+            del eng
+            torch.cuda.empty_cache()
+    DB.log("\n| case | ms/step |\n|---|---|")
+    for n, v in res["step_ms"].items():
+        DB.log(f"| {n} | {v:.3f} |")
+    for n, p in res["profile"].items():
+        DB.log(f"\n{n}: kernels {p['kernel_us_per_step'] / 1e3:.3f} ms in {p['kernels_per_step']:.0f} launches")
+        for c, v in p["categories"].items():
+            DB.log(f"    {c:18s} {v['us'] / 1e3:7.3f} ms  {v['kernels']:6.0f} launches")
+        for t in p["top"][:12]:
+            DB.log(f"      {t['us']:8.1f} us {t['calls']:5.0f}x  {t['name'][:90]}")
+    save()
+
+
+if __name__ == "__main__":
+    main()
