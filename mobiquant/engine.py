@@ -36,7 +36,9 @@ through its own forward, so that every shape is static and nothing leaves the de
   ``fuse_router`` (on by default for fp16 with ``fuse_linears``): a routed group's router launch only stores its
   fc1 partials, and the linear's v7 launch after it finishes the counts in each program (the router kernel's own
   finishing code, so the counts equal ``route_counts``'), which takes the router's tail off the step's critical
-  path (KERNEL_NOTES.md, "fused router").
+  path (KERNEL_NOTES.md, "fused router"). ``router_glue`` (on with ``fuse_router``): the router launches of q/k/v
+  and gate/up also compute the norm before them, and down_proj's SiLU·up (router.py's prologue, bit for bit the glue
+  kernels' results), so a routed block launches two glue kernels (rotary + cache write, attention) instead of five.
   ``int8_activations`` (off by default; it changes the numerics): with the fused router, the router launch also
   rounds its input to int8 per group of 128 (kernels/act_int8.py) and the linear after it runs the int8 tensor-core
   path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.5 % at 4, 6 and 8

@@ -12,6 +12,9 @@ computed inside the router launches, 96 launches fewer per step) off and on, alt
 each, at budgets 2 and 4 and k = 2, fp16 and int8 activations; the logits and counts of 4 greedy steps compared
 (must be equal).
 
+Part ``steps``: only the step at budgets 2 and 4, fp16 and int8 activations (median of 5 × 3 × 100 replays), to
+compare two trees run one after the other on one machine.
+
 Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax against the engine's two-stage
 ``greedy``, alternating rounds (int8 engine, budget 2).
 
@@ -20,7 +23,7 @@ linears), so that kernels do not overlap and torch.profiler's per-kernel times a
 kernel category, int8 engine at budgets 2 and 4 (the step is slower than with PDL; the shares are what it says).
 
     OUT=/tmp PYTHONPATH=<package> python3 -P benchmarks/experiments/step_overhead.py   # $OUT/step_overhead_h100.json
-    PARTS=glue_ab ...                                                   # a subset of overhead,glue_ab,argmax,nopdl
+    PARTS=glue_ab ...                                                   # overhead,glue_ab,argmax,nopdl,steps
     LAYERS=4 ...                                                                          # smoke test
 """
 
@@ -158,6 +161,17 @@ def main():
             argmax_ab(model, prompt, res, save)
         if "nopdl" in PARTS:
             nopdl_profile(model, prompt, res, save)
+        if "steps" in PARTS:  # the step only, budgets 2 and 4: to compare trees run one after the other
+            for int8 in (False, True):
+                eng = DecodeEngine(model, 1024, int8_activations=int8)
+                for b in (2.0, 4.0):
+                    eng.set_budget(b)
+                    name = f"{'int8' if int8 else 'fp16'}_budget_{b:g}"
+                    res["step_ms"][name] = ms = step_ms(eng, prompt, rounds=5)
+                    DB.log(f"{name}: {ms:.4f} ms/step")
+                    save()
+                del eng
+                torch.cuda.empty_cache()
         for int8 in ((False, True) if "overhead" in PARTS else ()):
             tag = "int8" if int8 else "fp16"
             eng = DecodeEngine(model, 1024, int8_activations=int8)  # router_glue on (the default)
