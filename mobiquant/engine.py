@@ -66,7 +66,7 @@ from torch import nn
 from . import ops
 from .errors import MoBiQuantError
 from .nn.linear import MoBiQuantLinear
-from .route import ThresholdTable
+from .route import ThresholdTable, forced_count
 from .trace import _LINEAR_ORDER, split_name
 
 GRID = 8  # budget grid of the threshold table: every 1/GRID bit
@@ -310,11 +310,18 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------------------------------ precision
     def set_budget(self, budget: float) -> None:
-        """Routers pick each token's slices for ``budget`` average bits (device writes only)."""
+        """Routers pick each token's slices for ``budget`` average bits (device writes only); at B_1 and B_E every
+        count is forced (route.forced_count) and the routers skip their MLPs."""
         self._need_quant()
         B = self.precisions
         if not B[0] - 1e-9 <= budget <= B[-1] + 1e-9:
             raise MoBiQuantError(f"bit budget {budget:g} is outside this model's range {B[0]:g}..{B[-1]:g} bits")
+        k = forced_count(tuple(self.slice_bits), budget)
+        if k is not None:  # B_1 or B_E: every count forced (route.forced_count), so the routers skip their MLPs
+            self.given.fill_(True)
+            self.counts_in.fill_(k)
+            self.budget.fill_(float(budget))
+            return
         given = [not r for r in self.routed]
         if any(given):  # routerless linears: only the uniform budgets (as MoBiQuantLinear.route)
             if not any(abs(budget - b) < 1e-9 for b in B):

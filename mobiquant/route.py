@@ -89,6 +89,17 @@ def _band(slice_bits: tuple[int, ...], bits: float) -> tuple[int, int, float]:
 
 
 @functools.lru_cache(maxsize=256)
+def forced_count(slice_bits: tuple[int, ...], bits: float) -> int | None:
+    """The slice count every token gets at an extreme budget, whatever its scores: 1 at B_1 and E at B_E (an average
+    of B_1 bits leaves no token room for a residual slice, B_E needs all of them); None between them."""
+    if bits <= slice_bits[0] + 1e-9:
+        return 1
+    if bits >= sum(slice_bits) - 1e-9:
+        return len(slice_bits)
+    return None
+
+
+@functools.lru_cache(maxsize=256)
 def _band_top(slice_bits: tuple[int, ...], bits: float) -> int:
     """k_hi: the fewest slices whose precision B_k reaches ``bits``."""
     B = list(itertools.accumulate(slice_bits))
@@ -136,6 +147,9 @@ class ThresholdTable:
                tally: dict | None = None) -> torch.Tensor:
         """(..., E-1) router scores -> (...) slice counts at ``bits``."""
         m = self.linears[name]
+        k = forced_count(tuple(m.slice_bits), bits)
+        if k is not None:  # B_1 or B_E: nothing to allocate (τ fitted on calibration text could let a token over)
+            return torch.full(scores.shape[:-1], k, dtype=torch.long, device=scores.device)
         if self.mode == "balanced":
             k_lo, k_hi, p = self.band(name, bits)
             if k_lo == k_hi:
@@ -179,6 +193,9 @@ class ThresholdTable:
         """``counts`` for one token's (E-1) scores given as floats: the same count, computed in Python (the CPU
         decode path). Not for the adaptive mode, which needs the score history."""
         m = self.linears[name]
+        k = forced_count(tuple(m.slice_bits), bits)
+        if k is not None:
+            return k
         if self.mode == "balanced":
             k_lo, k_hi, p = self.band(name, bits)
             if k_lo == k_hi:

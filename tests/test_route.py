@@ -155,6 +155,29 @@ def test_count_token_equals_counts(allocation, slice_bits):
         assert one == full.tolist(), bits
 
 
+@pytest.mark.parametrize("allocation,mode", [("nested", "layer"), ("nested", "global"), ("nested", "adaptive"),
+                                             ("band", "layer"), ("band", "balanced")])
+def test_extreme_budgets_force_every_count(tiny_llama, routed_model, allocation, mode):
+    """At B_1 every token takes 1 slice and at B_E all E, whatever its scores (τ fitted on calibration text would let
+    a token whose scores exceed every calibration score over the budget); between them the scores decide."""
+    model = routed_model(tiny_llama)
+    attach_thresholds_(model, mode, allocation)
+    m = next(mod for mod in model.modules() if isinstance(mod, MoBiQuantLinear))
+    table, B, E = m.thresholds, m.precisions, m.num_slices
+    high = torch.full((7, E - 1), 1e6)  # far above every calibration score: on at any finite τ
+    for scores, bits, k in ((high, B[0], 1), (-high, B[-1], E)):
+        assert (table.counts(m.name, scores, bits, stream={}, tally={}) == k).all()
+        if mode != "adaptive":
+            assert all(table.count_token(m.name, s.tolist(), bits, tally={}) == k for s in scores)
+    mid = (B[0] + B[-1]) / 2
+    assert table.counts(m.name, high, mid, stream={}, tally={}).max() > 1  # not forced between the extremes
+    x = torch.randn(1, 5, tiny_llama.config.hidden_size)
+    tr = RoutingTrace()
+    with torch.no_grad(), precision(trace=tr, budget=B[0]):  # the model's own forward, through route
+        model(inputs_embeds=x)
+    assert tr.realized_bits() == pytest.approx(B[0])
+
+
 def test_one_token_decode_path_matches_the_batched_path(tiny_llama, routed_model):
     """Token by token (the int fast path in route and trace) and all tokens at once give the same counts, bits and
     logits at a routed budget."""
