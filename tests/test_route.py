@@ -157,9 +157,10 @@ def test_count_token_equals_counts(allocation, slice_bits):
 
 @pytest.mark.parametrize("allocation,mode", [("nested", "layer"), ("nested", "global"), ("nested", "adaptive"),
                                              ("band", "layer"), ("band", "balanced")])
-def test_extreme_budgets_force_every_count(tiny_llama, routed_model, allocation, mode):
+def test_extreme_budgets_force_every_count(tiny_llama, routed_model, allocation, mode, monkeypatch):
     """At B_1 every token takes 1 slice and at B_E all E, whatever its scores (τ fitted on calibration text would let
-    a token whose scores exceed every calibration score over the budget); between them the scores decide."""
+    a token whose scores exceed every calibration score over the budget); between them the scores decide. The
+    model's forward at those budgets runs no router MLP."""
     model = routed_model(tiny_llama)
     attach_thresholds_(model, mode, allocation)
     m = next(mod for mod in model.modules() if isinstance(mod, MoBiQuantLinear))
@@ -171,11 +172,17 @@ def test_extreme_budgets_force_every_count(tiny_llama, routed_model, allocation,
             assert all(table.count_token(m.name, s.tolist(), bits, tally={}) == k for s in scores)
     mid = (B[0] + B[-1]) / 2
     assert table.counts(m.name, high, mid, stream={}, tally={}).max() > 1  # not forced between the extremes
-    x = torch.randn(1, 5, tiny_llama.config.hidden_size)
-    tr = RoutingTrace()
-    with torch.no_grad(), precision(trace=tr, budget=B[0]):  # the model's own forward, through route
-        model(inputs_embeds=x)
-    assert tr.realized_bits() == pytest.approx(B[0])
+    def no_router(*a, **k):
+        raise AssertionError("a router ran at an extreme budget")
+
+    for lin in (mod for mod in model.modules() if isinstance(mod, MoBiQuantLinear)):
+        monkeypatch.setattr(lin.router, "forward", no_router)
+        monkeypatch.setattr(lin.router, "_inference_weights", no_router)
+    for T, bits in ((5, B[0]), (1, B[-1])):  # route() on 5 tokens, the one-token decode shortcut on 1
+        tr = RoutingTrace()
+        with torch.no_grad(), precision(trace=tr, budget=bits):
+            model(inputs_embeds=torch.randn(1, T, tiny_llama.config.hidden_size))
+        assert tr.realized_bits() == pytest.approx(bits)
 
 
 def test_one_token_decode_path_matches_the_batched_path(tiny_llama, routed_model):

@@ -52,7 +52,7 @@ from ..config import MoBiQuantConfig
 from ..errors import MoBiQuantError
 from ..precision import check_budget, current_precision
 from ..quant import int4pack, packing, slices
-from ..route import ThresholdTable, random_counts
+from ..route import ThresholdTable, forced_count, random_counts
 from .router import MoBiRoute, nested_counts, threshold_for_bits
 from .shared_input import token_scores
 
@@ -181,6 +181,9 @@ class MoBiQuantLinear(nn.Module):
                 return torch.full(x.shape[:-1], B.index(budget) + 1, dtype=torch.long, device=x.device)
             raise MoBiQuantError(f"{self.name or 'this layer'} has no router (not calibrated): only the uniform "
                                  f"budgets {B} bits, or mode='random'")
+        k = forced_count(tuple(self.slice_bits), budget) if fit is None else None
+        if k is not None:  # B_1 or B_E: every count forced (ThresholdTable.counts gives the same), no router MLP
+            return torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
         scores = self.router(x)
         if fit is not None:
             fit[self.name] = threshold_for_bits(scores.reshape(-1, scores.shape[-1]), self.slice_bits, budget)
@@ -201,6 +204,9 @@ class MoBiQuantLinear(nn.Module):
             return None
         B = self._bits_of
         budget = check_budget(p.budget, B[1], B[-1])
+        k = forced_count(tuple(self.slice_bits), budget)
+        if k is not None:
+            return k
         group = self.shared_input
         scores = group.scores(self, x) if group is not None else token_scores(self.router._inference_weights(), x)
         return self.thresholds.count_token(self.name, scores, budget, p.tally)
