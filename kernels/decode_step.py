@@ -4,7 +4,8 @@ The decode engine (mobiquant/engine.py) ran this glue as HF's modules and plain 
 ~7 launches each, two residual adds, rotary embedding (~5 launches each for q and k), two cache writes, attention
 over the static cache (~7 launches) and SiLU·up (2), about 40 launches per block and 1,300 per token. Inside a CUDA
 graph each costs 2-3 µs whatever its size (KERNEL_NOTES.md, "decode step profile"). Here the same functions take 5
-launches per block:
+launches per block (2 where the router launches compute the norms and SiLU·up: router.py's prologue runs the
+``*_tile`` helpers below):
 
     add_rms_norm(h, r, w, eps)   h' = h + r (the residual add, optional); x = w * rmsnorm(h')      (D,) -> (D,), (D,)
     rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache)
