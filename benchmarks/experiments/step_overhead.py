@@ -18,6 +18,9 @@ compare two trees run one after the other on one machine.
 Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax against the engine's two-stage
 ``greedy``, alternating rounds (int8 engine, budget 2).
 
+Part ``attn``: the attention kernel's warps and slot block (``ATTN_VARIANTS``), alternating rounds (int8 engine,
+budget 4; the step's graph recaptured per variant).
+
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
 linears), so that kernels do not overlap and torch.profiler's per-kernel times are their own: the step's time by
 kernel category, int8 engine at budgets 2 and 4 (the step is slower than with PDL; the shares are what it says).
@@ -45,7 +48,7 @@ DB = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
-PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")
+PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn
 
 
 def step_ms(eng, prompt, rounds=3):
@@ -137,6 +140,45 @@ def argmax_ab(model, prompt, res, save):
     torch.cuda.empty_cache()
 
 
+ATTN_VARIANTS = tuple(tuple(int(a) for a in v.split(",")) for v in os.environ.get(
+    "ATTN_VARIANTS", "4,64 2,64 8,64 4,32 2,32 8,128").split())  # (num_warps, BLOCK_S); the first: shipped
+
+
+def attn_ab(model, prompt, res, save):
+    """The attention kernel's warps and slot block, alternating rounds (int8 engine, budget 4)."""
+    from mobiquant.kernels import decode_step
+
+    shipped = decode_step.decode_attention
+    ab = res["attn_ab"] = dict(rounds=[], variants=[list(v) for v in ATTN_VARIANTS])
+
+    def variant(warps, block_s):
+        def launch(q, k_cache, v_cache, pos, window, scaling):
+            KV, S, DH = k_cache.shape
+            H = q.numel() // DH
+            o = torch.empty(H * DH, dtype=q.dtype, device=q.device)
+            decode_step._decode_attention_kernel[(H,)](
+                q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV, DH=DH,
+                DP=triton.next_power_of_2(DH), BLOCK_S=block_s, num_warps=warps, **decode_step._pdl_opts(q))
+            return o
+        return launch
+
+    eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
+    eng.set_budget(4.0)
+    try:
+        for rnd in range(2):
+            for warps, block_s in ATTN_VARIANTS:
+                decode_step.decode_attention = variant(warps, block_s)
+                eng.capture()
+                ms = DB.graph_step_ms(eng, prompt)
+                ab["rounds"].append(dict(round=rnd, num_warps=warps, BLOCK_S=block_s, step_ms=ms))
+                DB.log(f"round {rnd} attention num_warps={warps} BLOCK_S={block_s}: {ms:.4f} ms/step")
+                save()
+    finally:
+        decode_step.decode_attention = shipped
+    del eng
+    torch.cuda.empty_cache()
+
+
 def main():
     import transformers
 
@@ -157,6 +199,8 @@ def main():
         DB.attach_random_routers(model)
         if "glue_ab" in PARTS:
             glue_ab(model, prompt, res, save)
+        if "attn" in PARTS:
+            attn_ab(model, prompt, res, save)
         if "argmax" in PARTS:
             argmax_ab(model, prompt, res, save)
         if "nopdl" in PARTS:
