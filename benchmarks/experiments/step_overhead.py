@@ -21,6 +21,8 @@ Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax ag
 Part ``attn``: the attention kernel's warps and slot block (``ATTN_VARIANTS``), alternating rounds (int8 engine,
 budget 4; the step's graph recaptured per variant).
 
+Part ``rwarps``: the router launch's warps (2 / 4 / 8; add_rms_norm follows), alternating rounds (int8, budget 4).
+
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
 linears), so that kernels do not overlap and torch.profiler's per-kernel times are their own: the step's time by
 kernel category, int8 engine at budgets 2 and 4 (the step is slower than with PDL; the shares are what it says).
@@ -48,7 +50,7 @@ DB = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
-PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn
+PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps
 
 
 def step_ms(eng, prompt, rounds=3):
@@ -179,6 +181,31 @@ def attn_ab(model, prompt, res, save):
     torch.cuda.empty_cache()
 
 
+def router_warps_ab(model, prompt, res, save):
+    """The router launch's warps (and add_rms_norm's, which must match: decode_step.NORM_WARPS), alternating rounds
+    (int8 engine, budget 4)."""
+    from mobiquant.kernels import decode_step
+    from mobiquant.kernels import router as router_kernel
+
+    shipped = decode_step.NORM_WARPS
+    ab = res["router_warps_ab"] = dict(rounds=[])
+    eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
+    eng.set_budget(4.0)
+    try:
+        for rnd in range(2):
+            for warps in (shipped, 2, 8):
+                decode_step.NORM_WARPS = router_kernel.NORM_WARPS = warps
+                eng.capture()
+                ms = DB.graph_step_ms(eng, prompt)
+                ab["rounds"].append(dict(round=rnd, num_warps=warps, step_ms=ms))
+                DB.log(f"round {rnd} router num_warps={warps}: {ms:.4f} ms/step")
+                save()
+    finally:
+        decode_step.NORM_WARPS = router_kernel.NORM_WARPS = shipped
+    del eng
+    torch.cuda.empty_cache()
+
+
 def main():
     import transformers
 
@@ -199,6 +226,8 @@ def main():
         DB.attach_random_routers(model)
         if "glue_ab" in PARTS:
             glue_ab(model, prompt, res, save)
+        if "rwarps" in PARTS:
+            router_warps_ab(model, prompt, res, save)
         if "attn" in PARTS:
             attn_ab(model, prompt, res, save)
         if "argmax" in PARTS:
