@@ -202,6 +202,12 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------ attention
+# cache slots a program's block holds (fewer for heads above 128 features) and its warps: 128 on 8 took 2.3 % off
+# the 8B step against 64 on 4 (fewer dependent loads per pass; KERNEL_NOTES.md, "Twelfth session")
+ATTN_SLOTS = 128
+ATTN_WARPS = 8
+
+
 @triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, scaling, G: tl.constexpr,
                              DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
@@ -257,11 +263,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)} do not fit")
     o = torch.empty(H * DH, dtype=q.dtype, device=q.device)
     DP = triton.next_power_of_2(DH)
-    # 128 slots a block on 8 warps: 2.3 % off the 8B step against 64 on 4 (fewer dependent loads per pass;
-    # KERNEL_NOTES.md, "Twelfth session")
     _decode_attention_kernel[(H,)](q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV,
-                                   DH=DH, DP=DP, BLOCK_S=max(16, min(128, 16384 // DP)), num_warps=8,
-                                   **_pdl_opts(q))
+                                   DH=DH, DP=DP, BLOCK_S=max(16, min(ATTN_SLOTS, ATTN_SLOTS * 128 // DP)),
+                                   num_warps=ATTN_WARPS, **_pdl_opts(q))
     return o
 
 

@@ -347,8 +347,7 @@ def route_partials(x: torch.Tensor | None, s: torch.Tensor, w1: torch.Tensor, b1
     if w1.shape[1] > 64:  # route_finish's layout argument: at most one hidden unit per thread of a 2-warp program
         raise ValueError(f"route_partials: router hidden size {w1.shape[1]} above 64")
     pro = _prologue(x, norm, silu, w1.shape[2], "route_partials")
-    dev = s.device
-    out = torch.empty(w1.shape[0], dtype=torch.int32, device=dev) if out is None else out
+    out = torch.empty(w1.shape[0], dtype=torch.int32, device=s.device) if out is None else out
     ws, meta = _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, False,
                        "route_partials", x_int8, pro)
     return RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, meta,

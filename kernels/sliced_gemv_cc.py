@@ -85,6 +85,7 @@ import triton.language as tl
 
 from ._tile import load_planes, merge_planes_ptx
 from .act_int8 import check_x_int8
+from .decode_step import _pdl_launch, _sm90
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
@@ -883,13 +884,9 @@ def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_
 
 
 def _has_pdl() -> bool:
-    """Whether this triton can launch with programmatic dependent launch (launch_pdl option, Hopper and later)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability()[0] >= 9
-    except Exception:  # noqa: BLE001
-        return False
+    """Whether this triton can launch with programmatic dependent launch (launch_pdl option) on the current GPU
+    (Hopper and later): decode_step's cached checks."""
+    return _pdl_launch() and _sm90(torch.cuda.current_device())
 
 
 def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:

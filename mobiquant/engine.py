@@ -317,7 +317,7 @@ class DecodeEngine:
         if not B[0] - 1e-9 <= budget <= B[-1] + 1e-9:
             raise MoBiQuantError(f"bit budget {budget:g} is outside this model's range {B[0]:g}..{B[-1]:g} bits")
         k = forced_count(tuple(self.slice_bits), budget)
-        if k is not None:  # B_1 or B_E: every count forced (route.forced_count), so the routers skip their MLPs
+        if k is not None:
             self.given.fill_(True)
             self.counts_in.fill_(k)
             self.budget.fill_(float(budget))

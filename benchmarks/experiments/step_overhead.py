@@ -121,89 +121,73 @@ def nopdl_profile(model, prompt, res, save):
         decode_step.PDL, router_kernel.PDL_WAIT, router_kernel.PDL_TRIGGER, sliced_gemv_cc._has_pdl = saved
 
 
-def argmax_ab(model, prompt, res, save):
-    """The greedy feedback by torch's argmax against the engine's two-stage one, alternating rounds."""
-    import mobiquant.engine as engine_mod
-
-    ab = res["argmax_ab"] = dict(rounds=[])
-    two_stage = engine_mod.greedy
+def ab_rounds(model, prompt, res, save, key, budget, rounds, variants, restore):
+    """Alternating rounds on one int8 engine at ``budget``: per variant (its row fields, apply), apply() then a fresh
+    capture and the step time; restore() at the end."""
+    ab = res[key] = dict(rounds=[])
     eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
-    eng.set_budget(2.0)
-    for rnd in range(3):
-        for name, fn in (("torch_argmax", lambda v: v.argmax()), ("two_stage", two_stage)):
-            engine_mod.greedy = fn
-            eng.capture()
-            ms = DB.graph_step_ms(eng, prompt)
-            ab["rounds"].append(dict(round=rnd, argmax=name, step_ms=ms))
-            DB.log(f"round {rnd} int8 budget 2, {name}: {ms:.4f} ms/step")
-            save()
-    engine_mod.greedy = two_stage
+    eng.set_budget(budget)
+    try:
+        for rnd in range(rounds):
+            for fields, apply in variants:
+                apply()
+                eng.capture()
+                ms = DB.graph_step_ms(eng, prompt)
+                ab["rounds"].append(dict(round=rnd, **fields, step_ms=ms))
+                DB.log(f"round {rnd} {key} {fields}: {ms:.4f} ms/step")
+                save()
+    finally:
+        restore()
     del eng
     torch.cuda.empty_cache()
+
+
+def argmax_ab(model, prompt, res, save):
+    """The greedy feedback by torch's argmax against the engine's two-stage one (budget 2)."""
+    import mobiquant.engine as engine_mod
+
+    two_stage = engine_mod.greedy
+
+    def use(fn):
+        return lambda: setattr(engine_mod, "greedy", fn)
+
+    ab_rounds(model, prompt, res, save, "argmax_ab", 2.0, 3,
+              [(dict(argmax="torch_argmax"), use(lambda v: v.argmax())), (dict(argmax="two_stage"), use(two_stage))],
+              use(two_stage))
 
 
 ATTN_VARIANTS = tuple(tuple(int(a) for a in v.split(",")) for v in os.environ.get(
-    "ATTN_VARIANTS", "4,64 2,64 8,64 4,32 2,32 8,128").split())  # (num_warps, BLOCK_S); the first: shipped
+    "ATTN_VARIANTS", "4,64 2,64 8,64 4,32 2,32 8,128").split())  # (num_warps, slots a block); 4,64: the old tile
 
 
 def attn_ab(model, prompt, res, save):
-    """The attention kernel's warps and slot block, alternating rounds (int8 engine, budget 4)."""
+    """The attention kernel's warps and slots a block (decode_step.ATTN_WARPS, ATTN_SLOTS; budget 4)."""
     from mobiquant.kernels import decode_step
 
-    shipped = decode_step.decode_attention
-    ab = res["attn_ab"] = dict(rounds=[], variants=[list(v) for v in ATTN_VARIANTS])
+    shipped = decode_step.ATTN_WARPS, decode_step.ATTN_SLOTS
 
-    def variant(warps, block_s):
-        def launch(q, k_cache, v_cache, pos, window, scaling):
-            KV, S, DH = k_cache.shape
-            H = q.numel() // DH
-            o = torch.empty(H * DH, dtype=q.dtype, device=q.device)
-            decode_step._decode_attention_kernel[(H,)](
-                q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV, DH=DH,
-                DP=triton.next_power_of_2(DH), BLOCK_S=block_s, num_warps=warps, **decode_step._pdl_opts(q))
-            return o
-        return launch
+    def use(warps, slots):
+        def apply():
+            decode_step.ATTN_WARPS, decode_step.ATTN_SLOTS = warps, slots
+        return apply
 
-    eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
-    eng.set_budget(4.0)
-    try:
-        for rnd in range(2):
-            for warps, block_s in ATTN_VARIANTS:
-                decode_step.decode_attention = variant(warps, block_s)
-                eng.capture()
-                ms = DB.graph_step_ms(eng, prompt)
-                ab["rounds"].append(dict(round=rnd, num_warps=warps, BLOCK_S=block_s, step_ms=ms))
-                DB.log(f"round {rnd} attention num_warps={warps} BLOCK_S={block_s}: {ms:.4f} ms/step")
-                save()
-    finally:
-        decode_step.decode_attention = shipped
-    del eng
-    torch.cuda.empty_cache()
+    ab_rounds(model, prompt, res, save, "attn_ab", 4.0, 2,
+              [(dict(num_warps=w, BLOCK_S=b), use(w, b)) for w, b in ATTN_VARIANTS], use(*shipped))
 
 
 def router_warps_ab(model, prompt, res, save):
-    """The router launch's warps (and add_rms_norm's, which must match: decode_step.NORM_WARPS), alternating rounds
-    (int8 engine, budget 4)."""
+    """The router launch's warps (and add_rms_norm's, which must match: decode_step.NORM_WARPS; budget 4)."""
     from mobiquant.kernels import decode_step
     from mobiquant.kernels import router as router_kernel
 
+    def use(warps):
+        def apply():
+            decode_step.NORM_WARPS = router_kernel.NORM_WARPS = warps
+        return apply
+
     shipped = decode_step.NORM_WARPS
-    ab = res["router_warps_ab"] = dict(rounds=[])
-    eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
-    eng.set_budget(4.0)
-    try:
-        for rnd in range(2):
-            for warps in (shipped, 2, 8):
-                decode_step.NORM_WARPS = router_kernel.NORM_WARPS = warps
-                eng.capture()
-                ms = DB.graph_step_ms(eng, prompt)
-                ab["rounds"].append(dict(round=rnd, num_warps=warps, step_ms=ms))
-                DB.log(f"round {rnd} router num_warps={warps}: {ms:.4f} ms/step")
-                save()
-    finally:
-        decode_step.NORM_WARPS = router_kernel.NORM_WARPS = shipped
-    del eng
-    torch.cuda.empty_cache()
+    ab_rounds(model, prompt, res, save, "router_warps_ab", 4.0, 2,
+              [(dict(num_warps=w), use(w)) for w in (4, 2, 8)], use(shipped))
 
 
 def main():
