@@ -12,6 +12,7 @@ Files (one per concept, house style §3.8):
                     takes up to 3 weights of one input in one launch (and the v8 tensor-core path; with x_int8,
                     the int8 tensor-core path)
     act_int8.py     per-group int8 activations for that option (quantizer kernel + torch reference)
+    bulk_ring.py    the shared-memory ring that v7's tensor-core paths can stream their words through (bulk copies)
     sliced_gemv_mma.py decode kernel v9 (1..16 fp16 tokens, one plane at a time on the tensor cores for all tokens);
                     dispatch uses it at 2..16 tokens
     sliced_gemm.py  prefill kernel (token permutation by slice count) + launcher + torch reference

@@ -56,6 +56,11 @@ more options were measured and removed: a bulk L2 prefetch of every plane of the
 at k = 1, 2, KERNEL_NOTES.md "v7"; removed with the group-major layout, code in commit 3ab4381); x of the next step
 prefetched (slower except in the fused q/k/v launch alone, and slower there, with PF = 2, in the decode chain); the
 first step's loads issued before the PDL wait (slower at every k; these two: "v7 profile", code in commit 970f493).
+RING (a bitmask like MMA; tensor-core paths only): slice count k streams its words, s_1 and z_1 through a
+shared-memory ring filled by bulk copies (bulk_ring.py, ``_ring_loop``) instead of register loads, same arithmetic,
+same output; RCAP caps its stages (default: as many as fit, 2 at BLOCK_N 128); REARLY (with RING at every k and
+SPLIT_K12 = SPLIT_K) issues the first stages' plane 1, s and z before the PDL wait and loads the first activations
+before k (KERNEL_NOTES.md, "Thirteenth session": the int8 path's configs use it).
 Scales and zero points are loaded as raw 16-bit values and converted where they are used (KERNEL_NOTES.md, "v7
 profile": a conversion next to the load made every prefetch of them wait for its own load).
 
@@ -68,11 +73,11 @@ act_int8.py (or by the router launch before this one), and every slice count on 
 codes as bytes: one AND per four weights at k = 1, sums exact in s32 (``asm_mma8_text``, ``_mma8_loop``). 1.10 /
 1.46 / 2.32 / 2.95 SASS per weight at k = 1..4.
 
-Status on the H100 (benchmarks/KERNEL_NOTES.md, "Final figures", "Eleventh session"): 32-layer LLaMA-3-8B stack at
-batch 1 in the group-major layout, q/k/v and gate/up as one launch each, 1.513 / 1.825 / 2.454 / 2.982 ms at
-k = 1..4 with the tuned configs (44 / 68 / 75 / 81 % of copy bandwidth; seven launches per layer 1.833 / 2.126 /
-2.802 / 3.408), and 1.132 / 1.641 / 2.266 / 2.825 ms with int8 activations (58 / 76 / 81 / 86 %). Slower than v5 at 4
-tokens, so ``dispatch.sliced_linear`` uses it for one fp16 token only.
+Status on the H100 (benchmarks/KERNEL_NOTES.md, "Eleventh session", "Thirteenth session"): 32-layer LLaMA-3-8B
+stack at batch 1 in the group-major layout, q/k/v and gate/up as one launch each, 1.513 / 1.798 / 2.408 / 2.949 ms
+at k = 1..4 with the tuned configs (43 / 68 / 75 / 81 % of copy bandwidth), and 1.073 / 1.594 / 2.228 / 2.885 ms with
+int8 activations on the ring (61 / 77 / 81 / 83 %). Slower than v5 at 4 tokens, so ``dispatch.sliced_linear`` uses
+it for one fp16 token only.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ import triton.language as tl
 
 from ._tile import load_planes, merge_planes_ptx
 from .act_int8 import check_x_int8
+from .bulk_ring import ring_base, ring_init, ring_issue, ring_stages, ring_sz, ring_wait, ring_words
 from .decode_step import _pdl_launch, _sm90
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
@@ -591,7 +597,6 @@ def _mma_loop(w_rowc, xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl
     takes Triton's default layout for that shape, lanes [8, 4] and warps along rows: lane 4 g + t holds chunks 2t,
     2t + 1 of rows g + 8 W i, so the two rows of a pack = 2 instance (i, i + 1) are shared by the lane's quad, as
     mma.sync's A fragment wants (``asm_mma_text``). Needs BN a multiple of 16 W."""
-    CZ: tl.constexpr = 2.0 + 0.5 ** (2 * KS - 1)
     BN: tl.constexpr = w_rowc.shape[0]
     i_t = tl.arange(0, 4)
     w_ptrs = w_rowc + i_t[None, :] * 2  # (BN, 4): chunk 2t of group 0
@@ -610,15 +615,72 @@ def _mma_loop(w_rowc, xi_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS: tl
         else:
             w = _load_words_mma(w_ptrs + g * GS, plane_stride, KS, USE_ASM)
             s, z = _load_sz_mma(s_row + g * N, z_row + g * N, USE_ASM)
-        wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
-        xs = _load_x_mma(xi_ptrs + g * 64, USE_ASM)
-        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = xs
-        sf = _f16_bits_to_f32(s, USE_ASM)
-        b = sf * (CZ - _f16_bits_to_f32(z, USE_ASM))
-        X = _xsum(x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM) + _xsum(x8, x9, x10, x11, x12, x13, x14, x15, USE_ASM)
-        P = _mma_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS, USE_ASM)  # (BN, 4)
-        acc = acc + sf * P
-        acc = acc + b * X
+        acc = _mma_step(acc, w, s, z, _load_x_mma(xi_ptrs + g * 64, USE_ASM), KS, USE_ASM)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _mma_step(acc, w, s, z, xs, KS: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc (BN, 4) += one group's s_1 P + s_1 (2 - z_1 + 2^-(2KS-1)) X (fp16 x on the fp16 tensor cores)."""
+    CZ: tl.constexpr = 2.0 + 0.5 ** (2 * KS - 1)
+    wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3 = w
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = xs
+    sf = _f16_bits_to_f32(s, USE_ASM)
+    b = sf * (CZ - _f16_bits_to_f32(z, USE_ASM))
+    X = _xsum(x0, x1, x2, x3, x4, x5, x6, x7, USE_ASM) + _xsum(x8, x9, x10, x11, x12, x13, x14, x15, USE_ASM)
+    P = _mma_dot(wa0, wb0, wa1, wb1, wa2, wb2, wa3, wb3, xs, KS, USE_ASM)  # (BN, 4)
+    acc = acc + sf * P
+    return acc + b * X
+
+
+@triton.jit
+def _ring_x(xi_base, xs_base, g, i_t, A8: tl.constexpr):
+    """Group g's activations for the ring loop: int8 words (1, 4) x 8 and (sx, SX) (A8), or the 16 fp16 x pairs
+    (then 0, 0). i_t: arange(0, 4), the caller's (so that they come in the tile's layout)."""
+    if A8:  # (one return: triton 3.6 checks both branches' return types)
+        r = _load_x8(xi_base + i_t * 8 + g * 32, True), tl.load(xs_base + 2 * g), tl.load(xs_base + 2 * g + 1)
+    else:
+        r = _load_x_mma(xi_base + i_t * 16 + g * 64, True), 0.0, 0.0
+    return r
+
+
+@triton.jit
+def _ring_loop(ring, w_ptr, s_ptr, z_ptr, n0, rows, N, plane_stride, xi_base, xs_base, g_lo, g_hi, KS: tl.constexpr,
+               BN: tl.constexpr, S: tl.constexpr, EARLY: tl.constexpr, A8: tl.constexpr, x_first):
+    """``_mma8_loop`` (A8) or ``_mma_loop`` with the words, s_1 and z_1 streamed through the shared-memory ring
+    (bulk_ring.py, S stages): the first S groups are issued at once, and a group's stage is issued again, S groups
+    on, as soon as every warp has read it. EARLY: the first stages' plane 1, s and z were issued before the PDL
+    wait (only planes 2..KS are issued here), and x_first holds group g_lo's activations, loaded right after the
+    wait (before k was read). The activations (L2) are loaded one group ahead into registers, as there. Same
+    arithmetic in the same order, so the output is bit for bit the register path's."""
+    ng = g_hi - g_lo
+    for i in tl.static_range(S):
+        if i < ng:
+            ring_issue(ring, i, g_lo + i, w_ptr, s_ptr, z_ptr, n0, rows, N, plane_stride, KS, BN, 2 if EARLY else 0)
+    i_t = tl.arange(0, 4)
+    i_r = tl.arange(0, BN)[:, None]
+    offs = i_r * 32 + i_t[None, :] * 8  # (BN, 4): the tile's layout, shared with x's pointers (no conversions)
+    offs_sz = i_r * 2 + i_t[None, :] * 0  # (BN, 4): row r's s_1 (and z_1) at 2 r bytes, in every lane of its quad
+    if EARLY:
+        xv, sxv, SXv = x_first
+    else:
+        xv, sxv, SXv = _ring_x(xi_base, xs_base, g_lo, i_t, A8)
+    acc = tl.zeros((BN, 4), tl.float32)
+    for i in range(0, ng):
+        slot = i % S
+        ring_wait(ring, slot, (i // S) & 1)
+        w = ring_words(ring, slot, offs, KS, BN)
+        s, z = ring_sz(ring, slot, offs_sz, KS, BN)
+        xs, sx, SX = xv, sxv, SXv
+        # the next group's (past the end: the last group again, a valid address)
+        xv, sxv, SXv = _ring_x(xi_base, xs_base, tl.minimum(g_lo + i + 1, g_hi - 1), i_t, A8)
+        tl.debug_barrier()  # every warp has read the slot: it may be filled again
+        if i + S < ng:
+            ring_issue(ring, slot, g_lo + i + S, w_ptr, s_ptr, z_ptr, n0, rows, N, plane_stride, KS, BN, 0)
+        if A8:
+            acc = _mma8_step(acc, w, s, z, xs, sx, SX, KS, True)
+        else:
+            acc = _mma_step(acc, w, s, z, xs, KS, True)
     return tl.sum(acc, axis=1)
 
 
@@ -733,10 +795,16 @@ def _mma8_loop(w_rowc, xq_base, xs_base, s_row, z_row, g_lo, g_hi, N, plane_stri
 @triton.jit
 def _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, KS: tl.constexpr,
               GPI: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr, USE_ASM: tl.constexpr, PF: tl.constexpr,
-              MMA: tl.constexpr, A8: tl.constexpr):
+              MMA: tl.constexpr, A8: tl.constexpr, rtile, RING: tl.constexpr, RS: tl.constexpr,
+              REARLY: tl.constexpr):
     """(BN,) the rows' sums before the final factor 16: with int8 activations (A8) on the int8 tensor cores, else
     on the fp16 tensor cores if bit KS - 1 of MMA is set, else on the CUDA cores (the tile, split-K and prefetch
-    are the launch's, for all three)."""
+    are the launch's, for all three). Bit KS - 1 of RING streams the tensor-core paths' words through shared
+    memory (``_ring_loop``; rtile = (ring, w_ptr, s_ptr, z_ptr, n0, rows, x_first) of the program)."""
+    if (RING >> (KS - 1)) & 1 and (A8 or (MMA >> (KS - 1)) & 1):
+        ring, w_ptr, s_ptr, z_ptr, n0, rows, x_first = rtile
+        return _ring_loop(ring, w_ptr, s_ptr, z_ptr, n0, rows, N, plane_stride, xi_base, xs_base, g_lo, g_hi, KS,
+                          w_row1.shape[0], RS, REARLY, A8, x_first)
     if A8:
         return _mma8_loop(w_row1[:, None], xi_base, xs_base, s_row, z_row, g_lo, g_hi, N, plane_stride, KS, USE_ASM,
                           PF)
@@ -756,7 +824,8 @@ def _sliced_gemv_cc_kernel(
     SPLIT_K12: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
-    RSPLIT: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr,
+    RSPLIT: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr, RING: tl.constexpr, RS: tl.constexpr,
+    REARLY: tl.constexpr,
 ):
     """x_ptr: x as int32 pairs (M, K/2), or with A8 the int8 activation words (M, K/4) and xs_ptr their (sx, SX)
     (M, G, 2) (act_int8.py); stride_xm in int32 units.
@@ -809,15 +878,32 @@ def _sliced_gemv_cc_kernel(
     L2OK: tl.constexpr = GROUP % 64 == 0
     s_row = s_ptr + n_c[:, None]
     z_row = z_ptr + n_c[:, None]
+    if RING != 0:  # the shared-memory ring of the words (bulk_ring.py)
+        ring = ring_base()
+        if REARLY:  # its barriers set up before the first stages are issued, before the PDL wait
+            ring_init(ring, RS)
+    else:
+        ring = 0
     if PDL:
         # Programmatic dependent launch: this program may start while the previous kernel still runs. Before the
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
-        # into L2. x, k, y and the split-K workspace are touched only after the wait.
+        # into L2 (REARLY: the ring's first stages get their plane 1, s and z already). x, k, y and the split-K
+        # workspace are touched only after the wait.
+        if REARLY:
+            for i in tl.static_range(RS):
+                if g_lo + i < g_hi:
+                    ring_issue(ring, i, g_lo + i, w_ptr, s_ptr, z_ptr, pid_n * BLOCK_N,
+                               tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), N, plane_stride, 1, BLOCK_N, 1)
         if L2OK:
             l2_prefetch_tile(w_ptr, pid_n * BLOCK_N, N, g_lo, g_hi, BLOCK_N, WPG)
         one = tl.full((1,), 0, tl.int32)
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
+    if REARLY:  # the split's first activations, before k is read (the split-K ranges do not depend on k here)
+        x_first = _ring_x(xi_base, xs_ptr + m * G * 2, g_lo, tl.arange(0, 4), A8)
+    else:
+        x_first = 0
+    rtile = (ring, w_ptr, s_ptr, z_ptr, pid_n * BLOCK_N, tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), x_first)
     if ROUTE:  # one token (M = 1): the count from the router's partials, as router.route_counts finishes it
         r = R_OFF + seg
         if tl.load(rgiven_ptr + r) != 0:
@@ -838,34 +924,41 @@ def _sliced_gemv_cc_kernel(
     else:
         nsplit = SPLIT_K
     if pid_k < nsplit:
+        if RING != 0 and not REARLY:  # here, so that the programs past nsplit return at once
+            ring_init(ring, RS)
         _finish_tile(w_row, w_row1, xi_base, xs_ptr + m * G * 2, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
                      kt, y_ptr, ws_ptr, cnt_ptr, m * stride_ym + row0 + offs_n, m * n_tiles + pid_g, pid_k, nsplit, E,
-                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8)
+                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
 
 
 @triton.jit
 def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride, kt, y_ptr,
                  ws_ptr, cnt_ptr, y_off, tile, pid_k, nsplit, E: tl.constexpr, BLOCK_N: tl.constexpr,
                  GPI: tl.constexpr, SPLIT_K: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr,
-                 USE_ASM: tl.constexpr, PF: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr):
+                 USE_ASM: tl.constexpr, PF: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr, rtile,
+                 RING: tl.constexpr, RS: tl.constexpr, REARLY: tl.constexpr):
     """The program's rows at kt slices over groups [g_lo, g_hi), then its share of the split-K reduction: the
     last of the tile's nsplit programs to arrive sums the partials and stores y (y_off: the rows' offsets in y)."""
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                       plane_stride, 1, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
+                       plane_stride, 1, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
+                           RS, REARLY)
     elif kt == 2:
         if E >= 2:
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                           plane_stride, 2, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
+                           plane_stride, 2, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
+                           RS, REARLY)
     elif kt == 3:
         if E >= 3:
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                           plane_stride, 3, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
+                           plane_stride, 3, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
+                           RS, REARLY)
     else:
         if E >= 4:
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                           plane_stride, 4, GPI, GPK, WPG, USE_ASM, PF, MMA, A8)
+                           plane_stride, 4, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
+                           RS, REARLY)
     yv = yv * 16.0
     y_ptrs = y_ptr + y_off
     if SPLIT_K == 1:
@@ -959,6 +1052,15 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     # (a tuned entry is keyed by shape, not group size: otherwise the CUDA-core path, always valid)
     mma_tile = p0.group_size == 128 and BN % (16 * cfg.get("num_warps", 4)) == 0  # what both mma paths need
     mma = int(cfg.get("MMA", 0)) & ((1 << p0.num_slices) - 1) if mma_tile else 0
+    # RING bit k - 1: a tensor-core path at k streams its words through shared memory (bulk_ring.py): Hopper's bulk
+    # copies, and row counts that are multiples of 8 (s and z move in 16-byte pieces); else the register loads
+    ring_ok = use_asm and mma_tile and _sm90(x.device.index) and all(n % 8 == 0 for n in Ns)
+    full = (1 << p0.num_slices) - 1
+    ring = int(cfg.get("RING", 0)) & full & (-1 if x_int8 is not None else mma) if ring_ok else 0
+    # REARLY: the first stages' plane 1, s and z issued before the PDL wait; every k must then run on the ring (to
+    # consume them) with the same split-K ranges (known before k is). A version for SPLIT_K12 != SPLIT_K that
+    # dropped the early stages at k >= 3 measured slower (KERNEL_NOTES.md, "Thirteenth session")
+    rearly = bool(cfg.get("REARLY", 0)) and pdl and ring == full and SK12 == SK
     xs = ws  # a placeholder pointer where x is fp16
     if x_int8 is not None:
         if not mma_tile:
@@ -982,7 +1084,8 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, SPLIT_K12=SK12, USE_ASM=use_asm,
         PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), PDL=pdl,
-        NSEG=len(packs), MMA=mma, A8=x_int8 is not None, **rconst,
+        NSEG=len(packs), MMA=mma, A8=x_int8 is not None, RING=ring, REARLY=rearly,
+        RS=ring_stages(BN, int(cfg.get("RCAP", 0))) if ring else 1, **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),
