@@ -20,6 +20,27 @@ def load(path: Path, name: str):
 KB = load(Path(__file__).parents[1] / "kernels.py", "kbench")
 
 
+UNITS = {"qkv": ("q", "k", "v"), "o": ("o",), "gu": ("gate", "up"), "down": ("down",)}  # launches, as the engine's
+
+
+def unit_args(L: dict, u: str, kk: int):
+    """(weights, k) of launch unit u of layer L at kk slices: a list and (1, S) counts for q/k/v and gate/up."""
+    ws = [L[n] for n in UNITS[u]]
+    k = torch.full((1, len(ws)), kk, dtype=torch.int32, device="cuda")
+    return (ws, k) if len(ws) > 1 else (ws[0], k[:, 0].contiguous())
+
+
+def unit_K(u: str) -> int:
+    return KB.SHAPES[UNITS[u][0]][1]
+
+
+def unit_config(u: str, kernel: str = "sliced_gemv_cc") -> dict | None:
+    """The tuned config of unit u (its total N) for ``kernel`` (``sliced_gemv_cc_a8``: the int8 path's entries)."""
+    from mobiquant.kernels.tuning import lookup
+
+    return lookup(kernel, 1, sum(KB.SHAPES[n][0] for n in UNITS[u]), unit_K(u))
+
+
 def quantized_layers(n: int = 32) -> list[dict]:
     torch.manual_seed(0)
     return [{name: KB.quantize_layer(torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02)

@@ -31,31 +31,15 @@ from pathlib import Path
 import torch
 import triton
 from mobiquant.kernels import dequantize_x_int8, quantize_x_int8, sliced_gemv_cc
-from mobiquant.kernels.tuning import lookup
 
 spec = importlib.util.spec_from_file_location("fused_stack", Path(__file__).with_name("_fused_stack.py"))
 FS = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(FS)
 KB = FS.KB
 OUT = Path(os.environ.get("OUT", "/tmp"))
-UNITS = {"qkv": ("q", "k", "v"), "o": ("o",), "gu": ("gate", "up"), "down": ("down",)}
+UNITS, unit_args, unit_K, unit_config = FS.UNITS, FS.unit_args, FS.unit_K, FS.unit_config
 TILES = [dict(BLOCK_N=bn, num_warps=w, SPLIT_K=sk, GPI=1, PF=1, PDL=1, num_stages=1)
          for (bn, w), sk in itertools.product(((64, 4), (128, 4), (128, 8), (256, 4)), (2, 4, 8, 16))]
-
-
-def unit_args(L, u, kk):
-    ws = [L[n] for n in UNITS[u]]
-    k = torch.full((1, len(ws)), kk, dtype=torch.int32, device="cuda")
-    return (ws, k) if len(ws) > 1 else (ws[0], k[:, 0].contiguous())
-
-
-def unit_K(u):
-    return KB.SHAPES[UNITS[u][0]][1]
-
-
-def unit_config(u, kernel="sliced_gemv_cc"):
-    N = sum(KB.SHAPES[n][0] for n in UNITS[u])
-    return lookup(kernel, 1, N, unit_K(u))
 
 
 def main():

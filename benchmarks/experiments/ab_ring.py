@@ -28,29 +28,13 @@ from pathlib import Path
 import torch
 import triton
 from mobiquant.kernels import quantize_x_int8, sliced_gemv_cc
-from mobiquant.kernels.tuning import lookup
 
 spec = importlib.util.spec_from_file_location("fused_stack", Path(__file__).with_name("_fused_stack.py"))
 FS = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(FS)
 KB = FS.KB
 OUT = Path(os.environ.get("OUT", "/tmp"))
-UNITS = {"qkv": ("q", "k", "v"), "o": ("o",), "gu": ("gate", "up"), "down": ("down",)}
-
-
-def unit_args(L, u, kk):
-    ws = [L[n] for n in UNITS[u]]
-    k = torch.full((1, len(ws)), kk, dtype=torch.int32, device="cuda")
-    return (ws, k) if len(ws) > 1 else (ws[0], k[:, 0].contiguous())
-
-
-def unit_K(u):
-    return KB.SHAPES[UNITS[u][0]][1]
-
-
-def unit_config(u, kernel="sliced_gemv_cc"):
-    N = sum(KB.SHAPES[n][0] for n in UNITS[u])
-    return lookup(kernel, 1, N, unit_K(u))
+UNITS, unit_args, unit_K, unit_config = FS.UNITS, FS.unit_args, FS.unit_K, FS.unit_config
 
 
 def checks(res, layers):
