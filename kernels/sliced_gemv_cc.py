@@ -942,23 +942,19 @@ def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                       plane_stride, 1, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
-                           RS, REARLY)
+                       plane_stride, 1, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
     elif kt == 2:
         if E >= 2:
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                           plane_stride, 2, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
-                           RS, REARLY)
+                           plane_stride, 2, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
     elif kt == 3:
         if E >= 3:
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                           plane_stride, 3, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
-                           RS, REARLY)
+                           plane_stride, 3, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
     else:
         if E >= 4:
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
-                           plane_stride, 4, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING,
-                           RS, REARLY)
+                           plane_stride, 4, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
     yv = yv * 16.0
     y_ptrs = y_ptr + y_off
     if SPLIT_K == 1:
