@@ -96,7 +96,7 @@ ISSUE_CONS = tl.constexpr("=r" + ",r" * 10 + ",l" * 6)
 
 
 def ring_stages(block_n: int, cap: int = 0) -> int:
-    """Stages of the ring for BN rows, at most ``cap`` (0: no cap); the loops compute the same."""
+    """Stages of the ring for BN rows, at most ``cap`` (0: no cap): the kernel's RS."""
     s = min(_STAGES, _RING // (132 * block_n))
     return min(s, cap) if cap else s
 
