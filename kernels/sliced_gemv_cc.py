@@ -1047,11 +1047,11 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     # MMA bit k - 1: slice count k on the tensor cores; only for groups of 128 and BLOCK_N a multiple of 16 x warps
     # (a tuned entry is keyed by shape, not group size: otherwise the CUDA-core path, always valid)
     mma_tile = p0.group_size == 128 and BN % (16 * cfg.get("num_warps", 4)) == 0  # what both mma paths need
-    mma = int(cfg.get("MMA", 0)) & ((1 << p0.num_slices) - 1) if mma_tile else 0
+    full = (1 << p0.num_slices) - 1  # every slice count's bit
+    mma = int(cfg.get("MMA", 0)) & full if mma_tile else 0
     # RING bit k - 1: a tensor-core path at k streams its words through shared memory (bulk_ring.py): Hopper's bulk
     # copies, and row counts that are multiples of 8 (s and z move in 16-byte pieces); else the register loads
     ring_ok = use_asm and mma_tile and _sm90(x.device.index) and all(n % 8 == 0 for n in Ns)
-    full = (1 << p0.num_slices) - 1
     ring = int(cfg.get("RING", 0)) & full & (-1 if x_int8 is not None else mma) if ring_ok else 0
     # REARLY: the first stages' plane 1, s and z issued before the PDL wait; every k must then run on the ring (to
     # consume them) with the same split-K ranges (known before k is). A version for SPLIT_K12 != SPLIT_K that
