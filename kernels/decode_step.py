@@ -26,10 +26,13 @@ Tensors are contiguous, on one device; pos is a device tensor (int64, one elemen
 captured graph replays at any position. The pure-torch twins are in mobiquant/ops.py.
 
 Programmatic dependent launch (``PDL``, Hopper, not the interpreter): each kernel is launched with ``launch_pdl`` and
-starts with ``griddepcontrol.launch_dependents`` then ``griddepcontrol.wait``, before any global access. So the
-kernel after it (the next glue kernel, the router, a v7 linear) may be scheduled while it waits or runs, and its own
-launch overlaps the tail of the kernel before it; ``wait`` returns once the previous grid has completed and its
-writes are visible, so nothing is read or written early (KERNEL_NOTES.md, "glue and router PDL").
+starts with ``griddepcontrol.launch_dependents`` then ``griddepcontrol.wait``. So the kernel after it (the next glue
+kernel, the router, a v7 linear) may be scheduled while it waits or runs, and its own launch overlaps the tail of the
+kernel before it; ``wait`` returns once the previous grid has completed and its writes are visible (KERNEL_NOTES.md,
+"glue and router PDL"). Before the wait a kernel reads only what no kernel of the step writes: the rotary its
+position and cos / sin rows; the attention its position and the first block's keys and values at the slots before
+pos, which earlier steps wrote (the rotary before it writes slot pos only). Every store, and every read of what the
+kernels before it write, comes after the wait.
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ import triton
 import triton.language as tl
 
 PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
+# the rotary's cos / sin rows and the attention's first block of keys and values loaded before griddepcontrol.wait
+# (KERNEL_NOTES.md, "Fourteenth session"); off: after it
+EARLY_LOADS = True
 ASM_GDC_ENTER = tl.constexpr("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;")
+ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
+ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
 
 
 @triton.jit
@@ -51,6 +59,27 @@ def _pdl_enter(PDL: tl.constexpr):
     if PDL:
         tl.inline_asm_elementwise(ASM_GDC_ENTER, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
+
+
+@triton.jit
+def _pdl_enter_early(EARLY: tl.constexpr, PDL: tl.constexpr):
+    """EARLY: let the next kernel launch and return; the kernel loads what no kernel of the step writes, then calls
+    ``_pdl_wait_early``. Else ``_pdl_enter``."""
+    if EARLY:
+        if PDL:
+            tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+    else:
+        _pdl_enter(PDL)
+
+
+@triton.jit
+def _pdl_wait_early(EARLY: tl.constexpr, PDL: tl.constexpr):
+    """The wait that ``_pdl_enter_early(EARLY)`` left out."""
+    if EARLY:
+        if PDL:
+            tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
 
 def _pdl(device) -> bool:
@@ -144,14 +173,21 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
 # ------------------------------------------------------------------------------------------ rotary + cache write
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, q_out_ptr, S,
-                    H: tl.constexpr, KV: tl.constexpr, DH: tl.constexpr, HALF_P: tl.constexpr, PDL: tl.constexpr):
-    """Program i: query head i (i < H), key head i - H (rotated, cached), value head i - H - KV (cached)."""
-    _pdl_enter(PDL)
+                    H: tl.constexpr, KV: tl.constexpr, DH: tl.constexpr, HALF_P: tl.constexpr, PRE: tl.constexpr,
+                    PDL: tl.constexpr):
+    """Program i: query head i (i < H), key head i - H (rotated, cached), value head i - H - KV (cached).
+    PRE: pos and the cos / sin rows (never written by a kernel of the step) are loaded before griddepcontrol.wait."""
     i = tl.program_id(0)
+    _pdl_enter_early(PRE, PDL)
     pos = tl.load(pos_ptr)
     HALF: tl.constexpr = DH // 2
     offs = tl.arange(0, HALF_P)
     mask = offs < HALF
+    c1 = tl.load(cos_ptr + pos * DH + offs, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * DH + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * DH + offs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * DH + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    _pdl_wait_early(PRE, PDL)
     if i < H + KV:
         if i < H:
             src = q_ptr + i * DH
@@ -159,10 +195,6 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
             src = k_ptr + (i - H) * DH
         x1 = tl.load(src + offs, mask=mask, other=0.0)  # first half of the head
         x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
-        c1 = tl.load(cos_ptr + pos * DH + offs, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + pos * DH + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + pos * DH + offs, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + pos * DH + HALF + offs, mask=mask, other=0.0).to(tl.float32)
         dt = x1.dtype
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
         # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded as torch's
@@ -196,8 +228,8 @@ def rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
     # enable_fp_fusion=False: the compiler narrows (fp16 product).to(fp16) + ... to fp16 math and would then
     # contract product and sum into one fma, skipping the product's rounding that torch does
     _rope_kv_kernel[(H + 2 * KV,)](q, k, v, cos, sin, pos, k_cache, v_cache, q_out, S, H=H, KV=KV, DH=DH,
-                                   HALF_P=triton.next_power_of_2(DH // 2), num_warps=1, enable_fp_fusion=False,
-                                   **_pdl_opts(q))
+                                   HALF_P=triton.next_power_of_2(DH // 2), PRE=EARLY_LOADS, num_warps=1,
+                                   enable_fp_fusion=False, **_pdl_opts(q))
     return q_out
 
 
@@ -209,46 +241,71 @@ ATTN_WARPS = 8
 
 
 @triton.jit
+def _attn_scores(kt, qf, valid, scaling, dt):
+    """(BLOCK_S,) fp32 scores of one block: the q·k matmul's output rounded to dt, scaled; -inf where not valid."""
+    return tl.where(valid, tl.sum(kt * qf[None, :], axis=1).to(dt).to(tl.float32) * scaling, float("-inf"))
+
+
+@triton.jit
+def _attn_max_sum(m, l, sc):
+    """Per-lane running max and sum of exp after one block of scores."""
+    m_new = tl.maximum(m, sc)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no valid slot yet: exp(-inf) = 0
+    return m_new, l * tl.exp(m - m_ref) + tl.exp(sc - m_ref)
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, scaling, G: tl.constexpr,
-                             DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                             DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, PRE: tl.constexpr,
+                             PDL: tl.constexpr):
     """Program h: query head h against kv head h // G, two passes over the valid slots (max and sum, then the
-    probabilities rounded to the activation dtype as torch's softmax(...).to(dtype), times V)."""
-    _pdl_enter(PDL)
+    probabilities rounded to the activation dtype as torch's softmax(...).to(dtype), times V).
+    PRE: the first block's keys and values at the slots before pos are loaded before griddepcontrol.wait. Those
+    slots were written by earlier steps; the kernels this one may overlap (the rotary before it writes slot pos) do
+    not write them. Slot pos, q and every store come after the wait. The first block's scores and values stay in
+    registers for the second pass, so its keys are read once."""
     h = tl.program_id(0)
     kv = h // G
-    pos = tl.load(pos_ptr).to(tl.int32)
-    lo = tl.where(WINDOW > 0, tl.maximum(pos - WINDOW + 1, 0), 0)
     offs_d = tl.arange(0, DP)
     d_mask = offs_d < DH
+    kbase = kc_ptr + kv * S * DH
+    vbase = vc_ptr + kv * S * DH
+    _pdl_enter_early(PRE, PDL)
+    pos = tl.load(pos_ptr).to(tl.int32)  # written by the step before (never by a kernel this one overlaps)
+    lo = tl.where(WINDOW > 0, tl.maximum(pos - WINDOW + 1, 0), 0)
+    start = (lo // BLOCK_S) * BLOCK_S
+    offs_s = start + tl.arange(0, BLOCK_S)
+    tile = offs_s[:, None] * DH + offs_d[None, :]
+    early = (offs_s >= lo) & (offs_s < pos)
+    k0 = tl.load(kbase + tile, mask=early[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_S, DP)
+    v0 = tl.load(vbase + tile, mask=early[:, None] & d_mask[None, :], other=0.0)
+    _pdl_wait_early(PRE, PDL)
     q = tl.load(q_ptr + h * DH + offs_d, mask=d_mask, other=0.0)
     dt = q.dtype
     qf = q.to(tl.float32)
-    kbase = kc_ptr + kv * S * DH
-    vbase = vc_ptr + kv * S * DH
-    start = (lo // BLOCK_S) * BLOCK_S
-    m = tl.full((BLOCK_S,), float("-inf"), tl.float32)  # per-lane running max and sum, combined at the end
-    l = tl.zeros((BLOCK_S,), tl.float32)
-    for j0 in range(start, pos + 1, BLOCK_S):
+    at_pos = (offs_s == pos)[:, None] & d_mask[None, :]  # slot pos: written by the rotary just before
+    k0 = tl.where(at_pos, tl.load(kbase + tile, mask=at_pos, other=0.0), k0).to(tl.float32)
+    v0 = tl.where(at_pos, tl.load(vbase + tile, mask=at_pos, other=0.0), v0).to(tl.float32)
+    valid0 = (offs_s >= lo) & (offs_s <= pos)
+    sc0 = _attn_scores(k0, qf, valid0, scaling, dt)
+    m, l = _attn_max_sum(tl.full((BLOCK_S,), float("-inf"), tl.float32), tl.zeros((BLOCK_S,), tl.float32), sc0)
+    for j0 in range(start + BLOCK_S, pos + 1, BLOCK_S):
         offs_s = j0 + tl.arange(0, BLOCK_S)
-        valid = (offs_s >= lo) & (offs_s <= pos)
+        valid = offs_s <= pos
         kt = tl.load(kbase + offs_s[:, None] * DH + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
                      other=0.0).to(tl.float32)  # (BLOCK_S, DP)
-        sc = tl.sum(kt * qf[None, :], axis=1).to(dt).to(tl.float32) * scaling  # the q·k matmul's output dtype
-        sc = tl.where(valid, sc, float("-inf"))
-        m_new = tl.maximum(m, sc)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no valid slot yet: exp(-inf) = 0
-        l = l * tl.exp(m - m_ref) + tl.exp(sc - m_ref)
-        m = m_new
+        m, l = _attn_max_sum(m, l, _attn_scores(kt, qf, valid, scaling, dt))
     m_all = tl.max(m, axis=0)  # finite: slot pos is always valid
     l_all = tl.sum(l * tl.exp(m - m_all), axis=0)
+    p = (tl.exp(sc0 - m_all) / l_all).to(dt).to(tl.float32)  # masked slots: exp(-inf) = 0
     acc = tl.zeros((DP,), tl.float32)
-    for j0 in range(start, pos + 1, BLOCK_S):
+    acc += tl.sum(p[:, None] * v0, axis=0)
+    for j0 in range(start + BLOCK_S, pos + 1, BLOCK_S):
         offs_s = j0 + tl.arange(0, BLOCK_S)
-        valid = (offs_s >= lo) & (offs_s <= pos)
+        valid = offs_s <= pos
         mk = valid[:, None] & d_mask[None, :]
         kt = tl.load(kbase + offs_s[:, None] * DH + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
-        sc = tl.where(valid, tl.sum(kt * qf[None, :], axis=1).to(dt).to(tl.float32) * scaling, float("-inf"))
-        p = (tl.exp(sc - m_all) / l_all).to(dt).to(tl.float32)  # masked slots: exp(-inf) = 0
+        p = (tl.exp(_attn_scores(kt, qf, valid, scaling, dt) - m_all) / l_all).to(dt).to(tl.float32)
         vt = tl.load(vbase + offs_s[:, None] * DH + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
         acc += tl.sum(p[:, None] * vt, axis=0)
     tl.store(o_ptr + h * DH + offs_d, acc.to(dt), mask=d_mask)
@@ -265,7 +322,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     DP = triton.next_power_of_2(DH)
     _decode_attention_kernel[(H,)](q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV,
                                    DH=DH, DP=DP, BLOCK_S=max(16, min(ATTN_SLOTS, ATTN_SLOTS * 128 // DP)),
-                                   num_warps=ATTN_WARPS, **_pdl_opts(q))
+                                   PRE=EARLY_LOADS, num_warps=ATTN_WARPS, **_pdl_opts(q))
     return o
 
 

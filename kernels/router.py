@@ -55,15 +55,22 @@ import triton
 import triton.language as tl
 
 from .act_int8 import check_x_int8, quantize_groups, xdest
-from .decode_step import NORM_WARPS, _pdl, _pdl_launch, add_rms_norm_tile, add_rms_rstd, silu_mul_tile
+from .decode_step import (
+    ASM_GDC_LAUNCH,
+    ASM_GDC_WAIT,
+    NORM_WARPS,
+    _pdl,
+    _pdl_launch,
+    add_rms_norm_tile,
+    add_rms_rstd,
+    silu_mul_tile,
+)
 from .sliced_gemv import _scratch
 
 CHUNK_K = 256  # K per program: one (HP, BLOCK_K) tile of fc1 each, 16 programs per router at K = 4096
 PDL_TRIGGER = True  # let the next kernel (a linear launched with PDL) start early and prefetch its weights
 PDL_WAIT = True  # launch with PDL: fc1 loaded before griddepcontrol.wait, overlapping the kernel before
 _SCRATCH: dict = {}
-ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
-ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
 
 
 ASM_MUL_RN = tl.constexpr("mul.rn.f32 $0, $1, $2;")

@@ -91,7 +91,7 @@ import triton.language as tl
 from ._tile import load_planes, merge_planes_ptx
 from .act_int8 import check_x_int8
 from .bulk_ring import ring_base, ring_init, ring_issue, ring_stages, ring_sz, ring_wait, ring_words
-from .decode_step import _pdl_launch, _sm90
+from .decode_step import ASM_GDC_LAUNCH, ASM_GDC_WAIT, _pdl_launch, _sm90
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
@@ -286,8 +286,6 @@ ASM_CVT_LO = tl.constexpr("{\n.reg .b16 l, h;\nmov.b32 {l, h}, $1;\ncvt.f32.f16 
 ASM_L2PF = tl.constexpr("{\n.reg .pred p;\nsetp.ne.s32 p, $2, 0;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
                          "mov.u32 $0, 0;\n}")  # size 0: nothing
 L2PF_CONS = tl.constexpr("=r,l,r")
-ASM_GDC_WAIT = tl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
-ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
 I32X2 = tl.constexpr((tl.int32, tl.int32))
 
 

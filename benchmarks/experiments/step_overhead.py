@@ -21,6 +21,10 @@ Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax ag
 Part ``attn``: the attention kernel's warps and slot block (``ATTN_VARIANTS``), alternating rounds (int8 engine,
 budget 4; the step's graph recaptured per variant).
 
+Part ``early`` (fourteenth session): the rotary's cos / sin and the attention's first block of keys and values
+loaded before griddepcontrol.wait (``decode_step.EARLY_LOADS``) off and on, alternating rounds (int8 engine, budgets
+2 and 4).
+
 Part ``rwarps``: the router launch's warps (2 / 4 / 8; add_rms_norm follows), alternating rounds (int8, budget 4).
 
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
@@ -50,7 +54,7 @@ DB = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
-PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps
+PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early
 
 
 def step_ms(eng, prompt, rounds=3):
@@ -175,6 +179,19 @@ def attn_ab(model, prompt, res, save):
               [(dict(num_warps=w, BLOCK_S=b), use(w, b)) for w, b in ATTN_VARIANTS], use(*shipped))
 
 
+def early_ab(model, prompt, res, save):
+    """The rotary's and the attention's loads before griddepcontrol.wait (decode_step.EARLY_LOADS) off and on, at
+    budgets 2 and 4."""
+    from mobiquant.kernels import decode_step
+
+    def use(on):
+        return lambda: setattr(decode_step, "EARLY_LOADS", on)
+
+    for budget in (2.0, 4.0):
+        ab_rounds(model, prompt, res, save, f"early_ab_{budget:g}", budget, 3,
+                  [(dict(early=on), use(on)) for on in (False, True)], use(True))
+
+
 def router_warps_ab(model, prompt, res, save):
     """The router launch's warps (and add_rms_norm's, which must match: decode_step.NORM_WARPS; budget 4)."""
     from mobiquant.kernels import decode_step
@@ -210,6 +227,8 @@ def main():
         DB.attach_random_routers(model)
         if "glue_ab" in PARTS:
             glue_ab(model, prompt, res, save)
+        if "early" in PARTS:
+            early_ab(model, prompt, res, save)
         if "rwarps" in PARTS:
             router_warps_ab(model, prompt, res, save)
         if "attn" in PARTS:

@@ -69,8 +69,12 @@ def test_rope_kv(dtype, H, KV, DH, S, pos):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,KV,DH,S,pos,window", [(6, 2, 48, 40, 0, 0), (6, 2, 48, 40, 39, 0), (8, 2, 128, 200, 130, 0),
-                                                  (4, 4, 20, 33, 20, 7), (4, 1, 64, 64, 63, 64)])
+                                                  (4, 4, 20, 33, 20, 7), (4, 1, 64, 64, 63, 64),
+                                                  (4, 2, 128, 300, 127, 0), (4, 2, 128, 300, 128, 0),
+                                                  (4, 2, 128, 300, 290, 0), (4, 1, 48, 300, 200, 90)])
 def test_decode_attention(dtype, H, KV, DH, S, pos, window):
+    """Slot pos at a block's last and next block's first slot, three blocks, a window starting mid-block: the first
+    block (loaded before the wait on Hopper) and the blocks after it."""
     q = rnd(H, DH, dtype=dtype, scale=2.0)
     kc, vc = rnd(KV, S, DH, dtype=dtype), rnd(KV, S, DH, dtype=dtype)
     valid = torch.arange(S) <= pos
