@@ -21,10 +21,11 @@ through its own forward, so that every shape is static and nothing leaves the de
 * **Routing**: the routers of linears that share an input (q/k/v, o, gate/up, down) run as one fused launch at
   decode (``torch.ops.mobiquant.route_counts``: MLPs, thresholds, nested counts); prefill runs the same function in
   torch. Thresholds come from a device table τ[p, linear] over a grid of budgets (every 1/8 bit from B_1 to B_E),
-  filled at construction from each model's ``ThresholdTable`` (route.py) in its "layer" form; the step reads the row
-  of the budget held in a device scalar. A budget between grid points uses the nearest grid budget (at most 1/16 bit
-  away). The "band" allocation is a second device table (slices forced on / off per grid budget). A "fisher"
-  checkpoint runs here with the uniform band: its per-linear shares of the budget are not on the device yet.
+  filled at construction from each model's ``ThresholdTable`` (route.py) in its "layer" form; ``set_budget`` copies
+  the budget's row into static device buffers that the step reads (device-to-device copies: no lookup launches in
+  the step, no recapture). A budget between grid points uses the nearest grid budget (at most 1/16 bit away). The
+  "band" allocation is a second device table (slices forced on / off per grid budget). A "fisher" checkpoint runs
+  here with the uniform band: its per-linear shares of the budget are not on the device yet.
   **Not graphable**: the "adaptive" threshold mode (a Python-side history of the text's scores, re-thresholded every
   64 tokens); the engine uses the layer thresholds fitted at calibration for a model attached in that mode, so its
   realized bits follow the calibration text rather than the user's.
@@ -306,6 +307,8 @@ class DecodeEngine:
         self.allocation = allocation or "nested"
         self.tau_table = tau.to(dev)
         self.force_on_table, self.force_off_table = force_on.to(dev), force_off.to(dev)
+        # the budget's row of the tables, which the step reads: copied at set_budget (no lookup in the step)
+        self.th = (self.tau_table[0].clone(), self.force_on_table[0].clone(), self.force_off_table[0].clone())
         self.set_k(E)
 
     # ------------------------------------------------------------------------------------------ precision
@@ -317,19 +320,22 @@ class DecodeEngine:
         if not B[0] - 1e-9 <= budget <= B[-1] + 1e-9:
             raise MoBiQuantError(f"bit budget {budget:g} is outside this model's range {B[0]:g}..{B[-1]:g} bits")
         k = forced_count(tuple(self.slice_bits), budget)
+        given = [not r for r in self.routed]
+        if k is None and any(given) and not any(abs(budget - b) < 1e-9 for b in B):
+            # routerless linears: only the uniform budgets (as MoBiQuantLinear.route)
+            raise MoBiQuantError(f"a linear has no router (not calibrated): only the uniform budgets {B} bits, "
+                                 "or mode='random'")
+        p = min(max(round((budget - B[0]) * GRID), 0), len(self.grid) - 1)  # the budget's row of the tables
+        for now, table in zip(self.th, (self.tau_table, self.force_on_table, self.force_off_table)):
+            now.copy_(table[p], non_blocking=True)
+        self.budget.fill_(float(budget))
         if k is not None:
             self.given.fill_(True)
             self.counts_in.fill_(k)
-            self.budget.fill_(float(budget))
             return
-        given = [not r for r in self.routed]
-        if any(given):  # routerless linears: only the uniform budgets (as MoBiQuantLinear.route)
-            if not any(abs(budget - b) < 1e-9 for b in B):
-                raise MoBiQuantError(f"a linear has no router (not calibrated): only the uniform budgets {B} bits, "
-                                     "or mode='random'")
+        if any(given):
             self.counts_in.fill_(min(range(len(B)), key=lambda i: abs(B[i] - budget)) + 1)
         self.given.copy_(torch.tensor(given), non_blocking=True)
-        self.budget.fill_(float(budget))
 
     def set_k(self, k: int) -> None:
         """Every token and linear at the first k slices."""
@@ -351,10 +357,8 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------------------------------ forward
     def _thresholds(self):
-        """(τ (n,), force_on (E-1,), force_off (E-1,)) of the budget in force: a device-side table lookup."""
-        p = ((self.budget - self.precisions[0]) * GRID).round().clamp(0, len(self.grid) - 1).long().reshape(1)
-        return (self.tau_table.index_select(0, p)[0], self.force_on_table.index_select(0, p)[0],
-                self.force_off_table.index_select(0, p)[0])
+        """(τ (n,), force_on (E-1,), force_off (E-1,)) of the budget in force: static buffers set_budget fills."""
+        return self.th
 
     def _route(self, group: _Group | None, x: torch.Tensor, th, given_counts) -> torch.Tensor | None:
         """(T, R) int32 counts of a group's linears for the T tokens x (T, K)."""
@@ -413,8 +417,8 @@ class DecodeEngine:
             h, r, ln = norm
             norm = (h, r, ln.weight, ln.variance_epsilon)
         plan = route_partials(None if x is None else x.reshape(-1), group.s, group.w1, group.b1, group.w2, group.b2,
-                              th[0][lo:hi], th[1], th[2], self.given[lo:hi], self.counts_in[lo:hi], x_int8=x8,
-                              norm=norm, silu=silu)
+                              th[0][lo:hi], th[1], th[2], self.given[lo:hi], self.counts_in[lo:hi],
+                              out=self.counts_out[lo:hi], x_int8=x8, norm=norm, silu=silu)
         y = sliced_gemv_cc(plan.x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan,
                            x_int8=x8)
         if bias is not None:
@@ -509,10 +513,20 @@ class DecodeEngine:
             cd, pending = self._silu_down(grp["down"], blk, g, u, th)
             all_counts += [t for t in (c, co, cg, cd) if t is not None]
         _, x = mq.add_rms_norm(h, pending, self.base.norm.weight, self.base.norm.variance_epsilon)
-        logits = F.linear(x, self.model.lm_head.weight, self.model.lm_head.bias)[0].float()
+        logits = F.linear(x, self.model.lm_head.weight, self.model.lm_head.bias)[0]  # fp32 in _decode_body's copy
         if not all_counts:
             return logits, torch.ones(1, 1, dtype=torch.int32, device=ids.device)
-        return logits, torch.cat(all_counts, dim=1)
+        return logits, self._counts_row(all_counts)
+
+    def _counts_row(self, all_counts: list[torch.Tensor]) -> torch.Tensor:
+        """(1, n_linears) counts of the step: counts_out itself where every group's launch stored its counts there
+        (the fused routers), else their concatenation."""
+        off, base = 0, self.counts_out.data_ptr()
+        for t in all_counts:
+            if t.data_ptr() != base + 4 * off:
+                return torch.cat(all_counts, dim=1)
+            off += t.shape[1]
+        return self.counts_out[None] if off == self.n_linears else torch.cat(all_counts, dim=1)
 
     def _norm_group(self, group, multi, blk, leaves, h, r, ln, th):
         """x = ln(h + r) and a group's linears on it (q/k/v or gate/up) at one token: the norm inside the router
@@ -549,8 +563,9 @@ class DecodeEngine:
         else:
             logits, counts = self._forward(self.tok, self.pos, decode=True)
         self.logits.copy_(logits)
-        self.counts_out.copy_(counts[0])
-        self.tok.copy_(greedy(logits).reshape(1))  # greedy feedback: the next step's input unless overwritten
+        if counts.data_ptr() != self.counts_out.data_ptr():
+            self.counts_out.copy_(counts[0])
+        self.tok.copy_(greedy(self.logits).reshape(1))  # greedy feedback: the next step's input unless overwritten
         self.pos.add_(1)
 
     # ------------------------------------------------------------------------------------------ public steps
