@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
-# the rotary's cos / sin rows and the attention's first block of keys and values loaded before griddepcontrol.wait
-# (KERNEL_NOTES.md, "Fourteenth session"); off: after it
+# the norm weights, the rotary's cos / sin rows and the attention's first block of keys and values loaded before
+# griddepcontrol.wait (KERNEL_NOTES.md, "Fourteenth session"); off: after it
 EARLY_LOADS = True
 ASM_GDC_ENTER = tl.constexpr("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;")
 ASM_GDC_LAUNCH = tl.constexpr("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
@@ -132,25 +132,28 @@ def add_rms_rstd(h_ptr, r_ptr, D, eps, HAS_R: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def add_rms_norm_tile(h_ptr, r_ptr, w_ptr, offs, mask, rstd, HAS_R: tl.constexpr):
-    """(h + r, w * (h + r) * rstd) at offs, both in the activation dtype, rounded as HF's LlamaRMSNorm."""
+def add_rms_norm_tile(h_ptr, r_ptr, w, offs, mask, rstd, HAS_R: tl.constexpr):
+    """(h + r, w * (h + r) * rstd) at offs, both in the activation dtype, rounded as HF's LlamaRMSNorm. w: the
+    norm weight at offs, loaded by the caller before its griddepcontrol.wait (a constant of the model)."""
     h = tl.load(h_ptr + offs, mask=mask, other=0.0)
     if HAS_R:  # residual add, rounded to the activation dtype as torch's h + r
         h = (h.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
     n = (h.to(tl.float32) * rstd).to(h.dtype)  # HF: hidden_states.to(input_dtype), then weight * it
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     return h, (w.to(tl.float32) * n.to(tl.float32)).to(h.dtype)
 
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, h_out_ptr, x_out_ptr, D, eps, HAS_R: tl.constexpr,
-                         DP: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Program c: the whole row's rstd, then features [c * CHUNK, (c + 1) * CHUNK)."""
-    _pdl_enter(PDL)
-    rstd = add_rms_rstd(h_ptr, r_ptr, D, eps, HAS_R, DP)
+                         DP: tl.constexpr, CHUNK: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr):
+    """Program c: the whole row's rstd, then features [c * CHUNK, (c + 1) * CHUNK) (their norm weights loaded
+    before the wait)."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     mask = offs < D
-    h, x = add_rms_norm_tile(h_ptr, r_ptr, w_ptr, offs, mask, rstd, HAS_R)
+    _pdl_enter_early(PRE, PDL)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    _pdl_wait_early(PRE, PDL)
+    rstd = add_rms_rstd(h_ptr, r_ptr, D, eps, HAS_R, DP)
+    h, x = add_rms_norm_tile(h_ptr, r_ptr, w, offs, mask, rstd, HAS_R)
     tl.store(h_out_ptr + offs, h, mask=mask)
     tl.store(x_out_ptr + offs, x, mask=mask)
 
@@ -166,7 +169,7 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
     chunk = min(NORM_CHUNK, triton.next_power_of_2(D))
     _add_rms_norm_kernel[(triton.cdiv(D, chunk),)](h, r if r is not None else h, w, h_out, x_out, D, float(eps),
                                                    HAS_R=r is not None, DP=triton.next_power_of_2(D), CHUNK=chunk,
-                                                   num_warps=NORM_WARPS, **_pdl_opts(h))
+                                                   PRE=EARLY_LOADS, num_warps=NORM_WARPS, **_pdl_opts(h))
     return h_out, x_out
 
 

@@ -28,8 +28,9 @@ On Hopper each program first issues ``griddepcontrol.launch_dependents``: the li
 programmatic dependent launch) may then start and prefetch its weights into L2 while the router runs; it reads the
 counts only after its ``griddepcontrol.wait``, which waits for this grid to complete. The router is itself launched
 with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the engine's CHUNK_K = BLOCK_K = 256), it loads
-its fc1 tile and input scales (constants, never written by a kernel) before its own ``griddepcontrol.wait``, so that
-load overlaps the kernel before it (the norm, the attention, SiLU·up); x, τ, the flags and every store come after.
+its fc1 tile, input scales and (norm prologue) the norm's weights, constants never written by a kernel, before its
+own ``griddepcontrol.wait``, so that load overlaps the kernel before it (the norm, the attention, SiLU·up); x, τ, the
+flags and every store come after.
 With ``x_int8`` (the int8-activation option, act_int8.py), router 0's programs also round their K chunk of x to
 int8 per group of 128 and store the codes and (sx, SX) for the linear after them: the option needs no launch of its
 own (KERNEL_NOTES.md, "Eleventh session").
@@ -150,12 +151,14 @@ def _route_counts_kernel(
         s_t = tl.load(s_ptr + r * K + offs_k1, mask=k_mask1, other=1.0).to(tl.float32)
         w_t = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k1[None, :],
                       mask=h_mask[:, None] & k_mask1[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
+        if PRO == 1:  # the norm's weights
+            nw_t = tl.load(nw_ptr + offs_k1, mask=k_mask1, other=0.0)
     if WAIT:  # launched with PDL: x, tau, the flags and the workspace only after the previous grid completed
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
     if ONE_TILE:  # the program's K chunk of x: given, or computed by the prologue (router 0 stores it)
         if PRO == 1:
-            hc, xv = add_rms_norm_tile(a_ptr, b_ptr, nw_ptr, offs_k1, k_mask1,
+            hc, xv = add_rms_norm_tile(a_ptr, b_ptr, nw_t, offs_k1, k_mask1,
                                        add_rms_rstd(a_ptr, b_ptr, K, eps, HAS_R, DP), HAS_R)
             if r == 0:
                 tl.store(hout_ptr + offs_k1, hc, mask=k_mask1)
