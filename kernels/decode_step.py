@@ -29,10 +29,10 @@ Programmatic dependent launch (``PDL``, Hopper, not the interpreter): each kerne
 starts with ``griddepcontrol.launch_dependents`` then ``griddepcontrol.wait``. So the kernel after it (the next glue
 kernel, the router, a v7 linear) may be scheduled while it waits or runs, and its own launch overlaps the tail of the
 kernel before it; ``wait`` returns once the previous grid has completed and its writes are visible (KERNEL_NOTES.md,
-"glue and router PDL"). Before the wait a kernel reads only what no kernel of the step writes: the rotary its
-position and cos / sin rows; the attention its position and the first block's keys and values at the slots before
-pos, which earlier steps wrote (the rotary before it writes slot pos only). Every store, and every read of what the
-kernels before it write, comes after the wait.
+"glue and router PDL"). Before the wait a kernel reads only what no kernel of the step writes: the norm its
+weights; the rotary its position and cos / sin rows; the attention its position and the first block's keys and
+values at the slots before pos, which earlier steps wrote (the rotary before it writes slot pos only). Every store,
+and every read of what the kernels before it write, comes after the wait.
 """
 
 from __future__ import annotations
