@@ -273,7 +273,6 @@ class DecodeEngine:
         n = self.n_linears
         self.given = torch.ones(max(n, 1), dtype=torch.bool, device=dev)  # count taken from counts_in
         self.counts_in = torch.ones(max(n, 1), dtype=torch.int32, device=dev)
-        self.budget = torch.zeros((), dtype=torch.float32, device=dev)
         if not n:
             self.precisions = []
             return
@@ -307,7 +306,8 @@ class DecodeEngine:
         self.allocation = allocation or "nested"
         self.tau_table = tau.to(dev)
         self.force_on_table, self.force_off_table = force_on.to(dev), force_off.to(dev)
-        # the budget's row of the tables, which the step reads: copied at set_budget (no lookup in the step)
+        # (τ (n,), force_on (E-1,), force_off (E-1,)) of the budget in force, which the step reads: set_budget copies
+        # the budget's row of the tables here (no lookup in the step)
         self.th = (self.tau_table[0].clone(), self.force_on_table[0].clone(), self.force_off_table[0].clone())
         self.set_k(E)
 
@@ -328,7 +328,6 @@ class DecodeEngine:
         p = min(max(round((budget - B[0]) * GRID), 0), len(self.grid) - 1)  # the budget's row of the tables
         for now, table in zip(self.th, (self.tau_table, self.force_on_table, self.force_off_table)):
             now.copy_(table[p], non_blocking=True)
-        self.budget.fill_(float(budget))
         if k is not None:
             self.given.fill_(True)
             self.counts_in.fill_(k)
@@ -356,10 +355,6 @@ class DecodeEngine:
             raise MoBiQuantError("this model has no quantized linears: nothing to route")
 
     # ------------------------------------------------------------------------------------------ forward
-    def _thresholds(self):
-        """(τ (n,), force_on (E-1,), force_off (E-1,)) of the budget in force: static buffers set_budget fills."""
-        return self.th
-
     def _route(self, group: _Group | None, x: torch.Tensor, th, given_counts) -> torch.Tensor | None:
         """(T, R) int32 counts of a group's linears for the T tokens x (T, K)."""
         if group is None:
@@ -438,7 +433,7 @@ class DecodeEngine:
         h = self.base.embed_tokens(ids)  # (T, hidden)
         cos = self.cos.index_select(0, positions)[None]  # (1, T, D), broadcast over heads
         sin = self.sin.index_select(0, positions)[None]
-        th = self._thresholds() if self.n_linears and any(self.routed) else None
+        th = self.th if self.n_linears and any(self.routed) else None
         if decode:
             valid = self._kv_pos <= positions  # (S,) keys written so far
             if self.window:
@@ -494,7 +489,7 @@ class DecodeEngine:
         router launches compute the norms and SiLU·up (``router_glue``)."""
         mq = torch.ops.mobiquant
         h = self.base.embed_tokens(ids)  # (1, hidden)
-        th = self._thresholds() if self.n_linears and any(self.routed) else None
+        th = self.th if self.n_linears and any(self.routed) else None
         pending = None  # the block output not yet added to h: added by the next norm
         all_counts = []
         for l, (layer, blk, grp, mul) in enumerate(zip(self.layers, self.blocks, self.groups, self.multi)):
