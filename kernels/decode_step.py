@@ -174,6 +174,26 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------ rotary + cache write
+# a * c + b * s with each product and the sum rounded to fp16, in PTX (fp32 in and out)
+ASM_ROPE_F16 = tl.constexpr(
+    "{ .reg .f32 rt_p, rt_q; .reg .b16 rt_h;\n"
+    "mul.rn.f32 rt_p, $1, $2; cvt.rn.f16.f32 rt_h, rt_p; cvt.f32.f16 rt_p, rt_h;\n"
+    "mul.rn.f32 rt_q, $3, $4; cvt.rn.f16.f32 rt_h, rt_q; cvt.f32.f16 rt_q, rt_h;\n"
+    "add.rn.f32 rt_p, rt_p, rt_q; cvt.rn.f16.f32 rt_h, rt_p; cvt.f32.f16 $0, rt_h; }")
+
+
+@triton.jit
+def rope_term(a, b, c, s, dt, USE_ASM: tl.constexpr):
+    """a * cos + b * sin (b: rotate_half's partner, negated in the first half), fp32 in and out, rounded as torch's
+    x * cos + rotate_half(x) * sin in dt: each product, then the sum. USE_ASM (fp16, on the GPU) computes it in PTX,
+    for kernels compiled with fp contraction (the q/k/v linear's rotary, sliced_gemv_cc), which would otherwise fuse a
+    product into the sum and skip its rounding; the rotary kernel below is compiled without contraction."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(ASM_ROPE_F16, "=r,r,r,r,r", [a, c, b, s], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return ((a * c).to(dt).to(tl.float32) + (b * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, q_out_ptr, S,
                     H: tl.constexpr, KV: tl.constexpr, DH: tl.constexpr, HALF_P: tl.constexpr, PRE: tl.constexpr,
@@ -200,9 +220,9 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
         x2 = tl.load(src + HALF + offs, mask=mask, other=0.0)
         dt = x1.dtype
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded as torch's
-        y1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
-        y2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+        y1 = rope_term(a1, -a2, c1, s1, dt, False).to(dt)
+        y2 = rope_term(a2, a1, c2, s2, dt, False).to(dt)
         if i < H:
             dst = q_out_ptr + i * DH
         else:

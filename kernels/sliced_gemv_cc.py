@@ -61,6 +61,9 @@ shared-memory ring filled by bulk copies (bulk_ring.py, ``_ring_loop``) instead 
 same output; RCAP caps its stages (default: as many as fit, 2 at BLOCK_N 128); REARLY (with RING at every k and
 SPLIT_K12 = SPLIT_K) issues the first stages' plane 1, s and z before the PDL wait and loads the first activations
 before k (KERNEL_NOTES.md, "Thirteenth session": the int8 path's configs use it).
+The q/k/v launch of a decode step can end with the rotary (``rope=``): each tile's last split rotates its heads
+into q and the key / value caches (``_rope_tile``), so the rotary kernel is not launched (KERNEL_NOTES.md,
+"Fifteenth session").
 Scales and zero points are loaded as raw 16-bit values and converted where they are used (KERNEL_NOTES.md, "v7
 profile": a conversion next to the load made every prefetch of them wait for its own load).
 
@@ -91,7 +94,7 @@ import triton.language as tl
 from ._tile import load_planes, merge_planes_ptx
 from .act_int8 import check_x_int8
 from .bulk_ring import ring_base, ring_init, ring_issue, ring_stages, ring_sz, ring_wait, ring_words
-from .decode_step import ASM_GDC_LAUNCH, ASM_GDC_WAIT, _pdl_launch, _sm90
+from .decode_step import ASM_GDC_LAUNCH, ASM_GDC_WAIT, _pdl_launch, _sm90, rope_kv, rope_term
 from .layout import PackedSlices
 from .router import RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
@@ -818,12 +821,13 @@ def _sliced_gemv_cc_kernel(
     N, G, stride_xm, stride_ym, plane_stride,
     w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
     rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
+    rp_cos, rp_sin, rp_pos, rp_kc, rp_vc, rp_q, RP_S,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
     SPLIT_K12: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
     RSPLIT: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr, RING: tl.constexpr, RS: tl.constexpr,
-    REARLY: tl.constexpr,
+    REARLY: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
 ):
     """x_ptr: x as int32 pairs (M, K/2), or with A8 the int8 activation words (M, K/4) and xs_ptr their (sx, SX)
     (M, G, 2) (act_int8.py); stride_xm in int32 units.
@@ -835,7 +839,11 @@ def _sliced_gemv_cc_kernel(
     ROUTE: the slice count of weight s is not read from k but finished here from router R_OFF + s's fc1 partials,
     which the router launch before this one stored (router.route_partials; rws (R, RSPLIT, RHP) fp32):
     every program sums them, applies fc2 and the thresholds (router.route_finish: the router kernel's own code), and
-    the first program of each weight stores the count at rout[R_OFF + s]. A given count (rgiven) is rcin's."""
+    the first program of each weight stores the count at rout[R_OFF + s]. A given count (rgiven) is rcin's.
+
+    ROPE (q/k/v, NSEG = 3, one token, split-K, tiles of whole heads of HD features): the rotary and cache write of
+    decode_step.rope_kv done by each tile's last split (``_rope_tile``) in place of the store of y: q rotated into
+    rp_q (H, HD), k rotated and v into the caches rp_kc, rp_vc (KV, RP_S, HD) at slot rp_pos."""
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -902,6 +910,7 @@ def _sliced_gemv_cc_kernel(
     else:
         x_first = 0
     rtile = (ring, w_ptr, s_ptr, z_ptr, pid_n * BLOCK_N, tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), x_first)
+    rope = (rp_cos, rp_sin, rp_pos, rp_kc, rp_vc, rp_q, RP_S, seg, pid_n * BLOCK_N)
     if ROUTE:  # one token (M = 1): the count from the router's partials, as router.route_counts finishes it
         r = R_OFF + seg
         if tl.load(rgiven_ptr + r) != 0:
@@ -926,7 +935,7 @@ def _sliced_gemv_cc_kernel(
             ring_init(ring, RS)
         _finish_tile(w_row, w_row1, xi_base, xs_ptr + m * G * 2, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
                      kt, y_ptr, ws_ptr, cnt_ptr, m * stride_ym + row0 + offs_n, m * n_tiles + pid_g, pid_k, nsplit, E,
-                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
+                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY, rope, ROPE, HD)
 
 
 @triton.jit
@@ -934,9 +943,11 @@ def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_
                  ws_ptr, cnt_ptr, y_off, tile, pid_k, nsplit, E: tl.constexpr, BLOCK_N: tl.constexpr,
                  GPI: tl.constexpr, SPLIT_K: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr,
                  USE_ASM: tl.constexpr, PF: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr, rtile,
-                 RING: tl.constexpr, RS: tl.constexpr, REARLY: tl.constexpr):
+                 RING: tl.constexpr, RS: tl.constexpr, REARLY: tl.constexpr, rope, ROPE: tl.constexpr,
+                 HD: tl.constexpr):
     """The program's rows at kt slices over groups [g_lo, g_hi), then its share of the split-K reduction: the
-    last of the tile's nsplit programs to arrive sums the partials and stores y (y_off: the rows' offsets in y)."""
+    last of the tile's nsplit programs to arrive sums the partials and stores y (y_off: the rows' offsets in y),
+    or with ROPE rotates them into q and the caches (``_rope_tile``)."""
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
@@ -966,8 +977,44 @@ def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_
             tot = tl.zeros((BLOCK_N,), tl.float32)
             for sp in range(nsplit):
                 tot += tl.load(ws + sp * BLOCK_N, cache_modifier=".cg")
-            tl.store(y_ptrs, tot.to(tl.float16), mask=n_mask)
+            if ROPE:
+                _rope_tile(tot, ws, nsplit, rope, n_mask, BLOCK_N, HD, USE_ASM)
+            else:
+                tl.store(y_ptrs, tot.to(tl.float16), mask=n_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _rope_tile(tot, ws, nsplit, rope, n_mask, BLOCK_N: tl.constexpr, HD: tl.constexpr, USE_ASM: tl.constexpr):
+    """A q/k/v tile's last split, its rows whole heads (BLOCK_N a multiple of HD): what decode_step.rope_kv does
+    with the output, without a launch of its own. tot (BN,) are the rows' sums; each is rounded to fp16 as the
+    stored y would be, and rotate_half's partner (feature d +- HD/2 of the same head) is summed from the same
+    partials in the same order, so it is that y's value too; the rotation is decode_step.rope_term, rounded as
+    torch's. Segment 0 (q) goes to q_out, 1 (k) rotated and 2 (v) as it is into the caches at slot pos."""
+    cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, q_ptr, S, seg, n0 = rope
+    HALF: tl.constexpr = HD // 2
+    offs = tl.arange(0, BLOCK_N)
+    d = offs % HD
+    shift = (d + HALF) % HD - d  # to the partner's row (ws: the rows' own partials of split 0)
+    tp = tl.zeros((BLOCK_N,), tl.float32)
+    for sp in range(nsplit):
+        tp += tl.load(ws + sp * BLOCK_N + shift, cache_modifier=".cg")
+    y = tot.to(tl.float16)
+    a = y.to(tl.float32)
+    b = tp.to(tl.float16).to(tl.float32)
+    b = tl.where(d < HALF, -b, b)  # rotate_half(x) = (-x2, x1)
+    pos = tl.load(pos_ptr)
+    c = tl.load(cos_ptr + pos * HD + d).to(tl.float32)
+    s = tl.load(sin_ptr + pos * HD + d).to(tl.float32)
+    rot = rope_term(a, b, c, s, tl.float16, USE_ASM).to(tl.float16)
+    rows = n0 + offs
+    slot = ((rows // HD) * S + pos) * HD + d  # (kv head, pos, d) in a (KV, S, HD) cache
+    if seg == 0:
+        tl.store(q_ptr + rows, rot, mask=n_mask)
+    elif seg == 1:
+        tl.store(kc_ptr + slot, rot, mask=n_mask)
+    else:
+        tl.store(vc_ptr + slot, y, mask=n_mask)
 
 
 def _has_pdl() -> bool:
@@ -988,7 +1035,8 @@ def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
 def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k: torch.Tensor | None,
                    out: torch.Tensor | None = None, config: dict | None = None,
                    use_asm: bool | None = None, route: RoutePlan | None = None,
-                   x_int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   x_int8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   rope: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32.
 
     ``packed`` may also be a list of 2 or 3 weights of the same input (q/k/v, gate/up: same K, slices and group
@@ -1003,6 +1051,11 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     (xq (M, K/4) int32, xs (M, G, 2) fp32); every slice count then runs on the int8 tensor cores (``_mma8_loop``)
     and x itself is only checked, not read. Needs groups of 128 and BLOCK_N a multiple of 16 x num_warps. Tuned
     configs: ``sliced_gemv_cc_a8:...`` entries where the int8 path wants another tile, else the fp16 path's.
+
+    ``rope=(cos, sin, pos, k_cache, v_cache)`` (q/k/v of one token: three weights, H·Dh, KV·Dh, KV·Dh rows): returns
+    decode_step.rope_kv of the three outputs instead of y, q rotated (H, Dh), k rotated and v written into the
+    caches (KV, S, Dh) at slot pos, bit for bit. Where the launch's tiles hold whole heads and it splits K, its last
+    splits do that themselves (``_rope_tile``: no launch of the rotary); otherwise rope_kv runs after it.
     """
     packs = list(packed) if isinstance(packed, (list, tuple)) else [packed]
     p0 = packs[0]
@@ -1038,6 +1091,20 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     SK = split_count(G, min(SK, triton.cdiv(G, GPI)))
     SK12 = split_count(G, min(cfg.get("SPLIT_K12", SK), SK))  # splits at k <= 2 (the grid has SK)
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    q_out, rope_args, HD = None, [y] * 6 + [0], 2
+    if rope is not None:
+        cos, sin, pos, kc, vc = rope
+        KVh, S, HD = kc.shape
+        if (len(packs) != 3 or M != 1 or Ns[0] % HD or Ns[1] != KVh * HD or Ns[2] != KVh * HD
+                or vc.shape != kc.shape or cos.shape != (S, HD) or sin.shape != cos.shape):
+            raise ValueError(f"rope takes q/k/v of one token fitting the caches: outputs {Ns}, {M} token(s), "
+                             f"cache {tuple(kc.shape)}, cos {tuple(cos.shape)}")
+        if not (SK > 1 and BN % HD == 0 and HD % 2 == 0 and kc.dtype == vc.dtype == torch.float16
+                and kc.is_contiguous() and vc.is_contiguous()):  # not fusable here: the rotary launch after it
+            y = sliced_gemv_cc(x, packs, k, out, config, use_asm, route, x_int8)
+            return rope_kv(y[0, :Ns[0]], y[0, Ns[0]:Ns[0] + Ns[1]], y[0, Ns[0] + Ns[1]:], cos, sin, pos, kc, vc)
+        q_out = torch.empty(Ns[0] // HD, HD, dtype=torch.float16, device=x.device)
+        rope_args = [cos, sin, pos, kc, vc, q_out, S]
     n_tiles = sum(triton.cdiv(n, BN) for n in Ns)
     ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)
     xi = x.view(torch.int32)  # (M, K/2) fp16 pairs
@@ -1075,16 +1142,16 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
         rconst = dict(ROUTE=False, RH=1, REM1=1, RHP=2, RSPLIT=1)
     _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
         xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt, xs,
-        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs,
+        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs, *rope_args,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, SPLIT_K12=SK12, USE_ASM=use_asm,
         PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), PDL=pdl,
         NSEG=len(packs), MMA=mma, A8=x_int8 is not None, RING=ring, REARLY=rearly,
-        RS=ring_stages(BN, int(cfg.get("RCAP", 0))) if ring else 1, **rconst,
+        RS=ring_stages(BN, int(cfg.get("RCAP", 0))) if ring else 1, ROPE=q_out is not None, HD=HD, **rconst,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),
     )
-    return y
+    return y if q_out is None else q_out
 
 
 __all__ = ["sliced_gemv_cc", "default_config_cc", "MAX_TOKENS_CC", "asm_cc_text", "asm_xsum_text", "asm_mma8_text"]

@@ -40,6 +40,9 @@ through its own forward, so that every shape is static and nothing leaves the de
   path (KERNEL_NOTES.md, "fused router"). ``router_glue`` (on with ``fuse_router``): the router launches of q/k/v
   and gate/up also compute the norm before them, and down_proj's SiLU·up (router.py's prologue, bit for bit the glue
   kernels' results), so a routed block launches two glue kernels (rotary + cache write, attention) instead of five.
+  ``fuse_rope`` (on with ``router_glue``): the q/k/v launch also rotates q and k and writes k and v into the cache
+  (``sliced_gemv_cc(..., rope=)``, bit for bit rope_kv's results) where its tiles hold whole heads, so the
+  attention is the one glue kernel left (KERNEL_NOTES.md, "Fifteenth session").
   ``int8_activations`` (off by default; it changes the numerics): with the fused router, the router launch also
   rounds its input to int8 per group of 128 (kernels/act_int8.py) and the linear after it runs the int8 tensor-core
   path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.5 % at 4, 6 and 8
@@ -140,7 +143,7 @@ class DecodeEngine:
     def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
                  capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
                  fuse_linears: bool | None = None, fuse_router: bool | None = None, router_glue: bool | None = None,
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, fuse_rope: bool | None = None):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -176,6 +179,11 @@ class DecodeEngine:
         self.router_glue = self.fuse_router if router_glue is None else bool(router_glue)
         if self.router_glue and not self.fuse_router:
             raise MoBiQuantError("router_glue needs the fused router (fuse_router)")
+        # the rotary and the cache write done by the fused q/k/v launch (sliced_gemv_cc rope=) where its tiles hold
+        # whole heads, so rope_kv is not launched
+        self.fuse_rope = self.router_glue if fuse_rope is None else bool(fuse_rope)
+        if self.fuse_rope and not self.router_glue:
+            raise MoBiQuantError("fuse_rope needs router_glue (the fused router launches computing the norms)")
         self.int8_activations = bool(int8_activations)
         if self.int8_activations and not self.fuse_router:
             raise MoBiQuantError("int8_activations needs the fused router: the kernels on CUDA, fp16 weights, no "
@@ -389,12 +397,14 @@ class DecodeEngine:
         """Whether a group's counts are finished inside its linears' launch (fuse_router, routed, one launch)."""
         return self.fuse_router and self.fuse_linears and one_launch and group is not None and group.routed
 
-    def _route_linear(self, group: _Group, entry, x: torch.Tensor | None, th, norm=None, silu=None):
+    def _route_linear(self, group: _Group, entry, x: torch.Tensor | None, th, norm=None, silu=None, rope=None):
         """A routed group at one token, the router finished inside the linear: the router launch stores its fc1
         partials only (router.route_partials), and the v7 launch after it sums them, applies fc2 and the thresholds
         in each program (the router kernel's own code, so the counts are route_counts') and stores the counts.
         entry: a ``multi`` entry (q/k/v, gate/up) or a (module, index) pair (o, down). x None: the router launch
         computes it, ``norm=(h, r, norm module)`` (add + RMSNorm) or ``silu=(g, u)`` (``router_glue``).
+        ``rope=(cos, sin, pos, k_cache, v_cache)`` (q/k/v without bias): the launch ends with rope_kv's work and its
+        one output is q rotated (H, Dh).
         Returns (counts (1, R) int32, the R outputs (1, N_r), h + r (norm=) or None)."""
         from .kernels.layout import PackedSlices
         from .kernels.router import route_partials
@@ -415,7 +425,9 @@ class DecodeEngine:
                               th[0][lo:hi], th[1], th[2], self.given[lo:hi], self.counts_in[lo:hi],
                               out=self.counts_out[lo:hi], x_int8=x8, norm=norm, silu=silu)
         y = sliced_gemv_cc(plan.x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan,
-                           x_int8=x8)
+                           x_int8=x8, rope=rope)
+        if rope is not None:
+            return plan.out[None], (y,), plan.h
         if bias is not None:
             y = y + bias.to(y.dtype)
         return plan.out[None], y.split(splits, dim=-1), plan.h
@@ -493,9 +505,11 @@ class DecodeEngine:
         pending = None  # the block output not yet added to h: added by the next norm
         all_counts = []
         for l, (layer, blk, grp, mul) in enumerate(zip(self.layers, self.blocks, self.groups, self.multi)):
-            c, (q, k, v), h = self._norm_group(grp["qkv"], mul.get("qkv"), blk, ("q_proj", "k_proj", "v_proj"), h,
-                                               pending, layer.input_layernorm, th)
-            q = mq.rope_kv(q, k, v, self.cos, self.sin, positions, self.k_cache[l], self.v_cache[l])  # (H, D)
+            cache = (self.cos, self.sin, positions, self.k_cache[l], self.v_cache[l])
+            rope = cache if self._rope_in_qkv(grp["qkv"], mul.get("qkv")) else None
+            c, qkv, h = self._norm_group(grp["qkv"], mul.get("qkv"), blk, ("q_proj", "k_proj", "v_proj"), h,
+                                         pending, layer.input_layernorm, th, rope)
+            q = qkv[0] if rope is not None else mq.rope_kv(*qkv, *cache)  # (H, D)
             o = mq.decode_attention(q, self.k_cache[l], self.v_cache[l], positions, self.window or 0,
                                     self.scaling)[None]  # (1, H*D)
             if self._fused_route(grp["o"], True):
@@ -523,16 +537,21 @@ class DecodeEngine:
             off += t.shape[1]
         return self.counts_out[None] if off == self.n_linears else torch.cat(all_counts, dim=1)
 
-    def _norm_group(self, group, multi, blk, leaves, h, r, ln, th):
+    def _rope_in_qkv(self, group, multi) -> bool:
+        """Whether a block's q/k/v launch does the rotary and the cache write (fuse_rope; no bias)."""
+        return self.fuse_rope and self._fused_route(group, multi is not None) and multi[3] is None
+
+    def _norm_group(self, group, multi, blk, leaves, h, r, ln, th, rope=None):
         """x = ln(h + r) and a group's linears on it (q/k/v or gate/up) at one token: the norm inside the router
         launch (router_glue), or add_rms_norm, then the fused router and one launch, or the router and the linears.
+        rope: passed to the fused launch (``_route_linear``; ``_rope_in_qkv`` says where it applies).
         Returns (counts (1, R) or None, the outputs, h + r)."""
         mq = torch.ops.mobiquant
         if self._fused_route(group, multi is not None):
             if self.router_glue:
-                return self._route_linear(group, multi, None, th, norm=(h, r, ln))
+                return self._route_linear(group, multi, None, th, norm=(h, r, ln), rope=rope)
             h, x = mq.add_rms_norm(h, r, ln.weight, ln.variance_epsilon)
-            return (*self._route_linear(group, multi, x, th)[:2], h)
+            return (*self._route_linear(group, multi, x, th, rope=rope)[:2], h)
         h, x = mq.add_rms_norm(h, r, ln.weight, ln.variance_epsilon)
         c = self._route(group, x, th, None)
         if self.fuse_linears and multi is not None:

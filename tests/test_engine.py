@@ -167,12 +167,13 @@ def test_fused_router_needs_fp16_and_fused_linears(tiny_llama, routed_model):
         DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_router=False, router_glue=True)
 
 
-def _wide_llama():
-    """A 2-block LLaMA whose widths (256, 512) take groups of 128 and the router's chunks of 256: int8 activations."""
+def _wide_llama(hidden=256):
+    """A 2-block LLaMA whose widths (256 or 512, and 512) take groups of 128 and the router's chunks of 256: int8
+    activations; at 512, heads of 128 features and 4 groups per input (a split K in the q/k/v launch)."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -198,6 +199,40 @@ def test_int8_activations_engine(routed_model):
             assert torch.equal(c8, c16)
             assert torch.isfinite(l8).all() and not torch.equal(l8, l16)
             assert ((l8 - l16).norm() / l16.norm()).item() < 5e-2
+
+
+def test_rope_in_the_qkv_launch(routed_model, monkeypatch):
+    """fuse_rope: the q/k/v launch rotates q and k and writes the cache itself (no rotary launch); counts, logits
+    and caches equal the engine that launches the rotary, bit for bit, at a budget (int8 activations, the path
+    whose H100 configs fuse it; tests/kernels/test_sliced_gemv_cc.py covers fp16 activations too)."""
+    import importlib
+
+    from mobiquant import MoBiQuantError
+
+    pytest.importorskip("triton")
+    int8 = True
+    model = routed_model(_wide_llama(512), group_size=128).half().to(DEVICE)
+    on = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=int8)
+    off = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=int8, fuse_rope=False)
+    assert on.fuse_rope and not off.fuse_rope
+    assert on._rope_in_qkv(on.groups[0]["qkv"], on.multi[0].get("qkv"))
+    cc = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")
+    rope_kv = cc.rope_kv
+    calls = []
+    monkeypatch.setattr(cc, "rope_kv", lambda *a: calls.append(1) or rope_kv(*a))  # the fallback after the launch
+    ids = torch.randint(0, 96, (3,), device=DEVICE)
+    for e in (on, off):
+        e.set_budget(5.0)
+        e.prefill(ids)
+    for _ in range(2):
+        tok = int(torch.randint(0, 96, (1,)))
+        (l1, c1), (l2, c2) = on.decode(tok), off.decode(tok)
+        assert torch.isfinite(l1).all()
+        assert torch.equal(c1, c2) and torch.equal(l1, l2)
+    assert torch.equal(on.k_cache, off.k_cache) and torch.equal(on.v_cache, off.v_cache)
+    assert len(set(c1.tolist())) > 1 and not calls
+    with pytest.raises(MoBiQuantError, match="fuse_rope"):
+        DecodeEngine(model, 16, use_kernels=True, capture=False, router_glue=False, fuse_rope=True)
 
 
 def test_int8_activations_need_the_fused_router_and_groups_of_128(tiny_llama, routed_model):

@@ -174,6 +174,71 @@ def test_fewer_splits_at_small_k(config):
     run_multi((40, 24), 640, 128, [[3, 1], [2, 4]], config)  # the segments of one launch at their own k
 
 
+def run_rope(H, KV, DH, K, kvec, config, pos, int8=False, fused=True, monkeypatch=None):
+    """q/k/v of one token with ``rope=``: q rotated and the caches equal, bit for bit, to the plain launch followed by
+    decode_step.rope_kv (the rotary kernel, tested against torch in test_decode_step.py); every other cache slot
+    untouched. fused: the launch must do it itself (the module's rope_kv, its fallback, is made to fail)."""
+    import importlib
+
+    from mobiquant.kernels.act_int8 import quantize_x_int8
+    from mobiquant.kernels.decode_step import rope_kv
+
+    packs = [pack_slices(*make_weight(n, K, 128, next(_SEED), DEVICE)[:3]) for n in (H * DH, KV * DH, KV * DH)]
+    gen = torch.Generator().manual_seed(next(_SEED))
+    S = pos + 4
+    x = torch.randn(1, K, generator=gen).half().to(DEVICE)
+    cos = (torch.rand(S, DH, generator=gen) * 2 - 1).half().to(DEVICE)
+    sin = (torch.rand(S, DH, generator=gen) * 2 - 1).half().to(DEVICE)
+    kc, vc = (torch.randn(KV, S, DH, generator=gen).half().to(DEVICE) for _ in range(2))  # earlier slots: kept
+    kr, vr = kc.clone(), vc.clone()
+    p = torch.tensor([pos], device=DEVICE)
+    k = torch.tensor([kvec], dtype=torch.int32, device=DEVICE)
+    x8 = quantize_x_int8(x) if int8 else None
+    if fused and monkeypatch is not None:  # (the package exports the function under the module's name)
+        cc = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")
+        monkeypatch.setattr(cc, "rope_kv", lambda *a: pytest.fail("the rotary ran as its own launch"))
+    q = sliced_gemv_cc(x, packs, k, config=config, x_int8=x8, rope=(cos, sin, p, kc, vc))
+    y = sliced_gemv_cc(x, packs, k, config=config, x_int8=x8)
+    n0, n1 = H * DH, (H + KV) * DH
+    qr = rope_kv(y[0, :n0], y[0, n0:n1], y[0, n1:], cos, sin, p, kr, vr)
+    assert q.shape == (H, DH) and torch.isfinite(q).all()
+    assert torch.equal(q, qr) and torch.equal(kc, kr) and torch.equal(vc, vr)
+    assert not torch.equal(kc[:, pos], kc[:, pos - 1])  # slot pos was written (the others are compared above)
+
+
+@pytest.mark.parametrize("H,KV,DH,kvec,config,int8", [
+    (4, 2, 32, [3, 1, 4], dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1), False),  # two heads a tile
+    (6, 2, 16, [2, 4, 1], dict(BLOCK_N=32, GPI=1, SPLIT_K=3, num_warps=4, PF=0), False),  # 3 splits of 2 groups
+    (4, 1, 64, [1, 2, 3], dict(BLOCK_N=64, GPI=1, SPLIT_K=2, SPLIT_K12=1, num_warps=4, PF=1), False),
+    (2, 2, 32, [4, 3, 2], dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1), True),  # int8 activations
+])
+def test_qkv_rope_in_the_launch(H, KV, DH, kvec, config, int8, monkeypatch):
+    run_rope(H, KV, DH, 768, kvec, config, 5, int8, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_N=16, GPI=1, SPLIT_K=2, num_warps=4, PF=1),  # a tile of half a head
+    dict(BLOCK_N=64, GPI=1, SPLIT_K=1, num_warps=4, PF=1),  # no split-K: no partials to find the partner in
+])
+def test_qkv_rope_falls_back_to_the_rotary_kernel(config):
+    run_rope(2, 1, 32, 256, [2, 1, 3], config, 3, fused=False)
+
+
+def test_qkv_rope_rejects_bad_arguments():
+    packs = [pack_slices(*make_weight(n, 128, 128, 3, DEVICE)[:3]) for n in (64, 32, 32)]
+    x = torch.randn(1, 128).half().to(DEVICE)
+    k = torch.ones(1, 3, dtype=torch.int32, device=DEVICE)
+    kc = torch.zeros(1, 8, 32, dtype=torch.float16, device=DEVICE)
+    cos = torch.zeros(8, 32, dtype=torch.float16, device=DEVICE)
+    p = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="rope"):  # k and v have 32 rows, a cache of 2 heads needs 64
+        sliced_gemv_cc(x, packs, k, rope=(cos, cos, p, kc.repeat(2, 1, 1), kc.repeat(2, 1, 1)))
+    with pytest.raises(ValueError, match="rope"):  # two weights are not q/k/v
+        sliced_gemv_cc(x, packs[:2], k[:, :2], rope=(cos, cos, p, kc, kc))
+    with pytest.raises(ValueError, match="rope"):  # cos of another head size
+        sliced_gemv_cc(x, packs, k, rope=(cos[:, :16], cos[:, :16], p, kc, kc))
+
+
 def test_several_weights_reject_bad_arguments():
     p = pack_slices(*make_weight(16, 128, 128, 1, DEVICE)[:3])
     q = pack_slices(*make_weight(16, 256, 128, 2, DEVICE)[:3])
@@ -325,6 +390,18 @@ def test_gpu_llama_shapes(N, K, kv):
 @pytest.mark.parametrize("Ns,kmat", [((4096, 1024, 1024), [[2, 1, 4]]), ((14336, 14336), [[1, 3]])])
 def test_gpu_several_weights_llama_shapes(Ns, kmat):
     run_multi(Ns, 4096, 128, kmat)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("int8,config", [
+    (True, None),  # the tuned int8 entry (tiles of 128 rows on the ring, 8 splits): the PTX rotary
+    (False, dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, PF=1, MMA=15, PDL=1)),
+    (False, None),  # the tuned fp16 entry (64 rows): the rotary kernel after the launch
+])
+def test_gpu_qkv_rope_llama_shapes(int8, config, monkeypatch):
+    run_rope(32, 8, 128, 4096, [2, 1, 4], config, 700, int8, fused=config is not None or int8,
+             monkeypatch=monkeypatch)
 
 
 @pytest.mark.gpu
