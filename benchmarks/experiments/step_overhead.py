@@ -25,6 +25,10 @@ Part ``early`` (fourteenth session): the rotary's cos / sin and the attention's 
 loaded before griddepcontrol.wait (``decode_step.EARLY_LOADS``) off and on, alternating rounds (int8 engine, budgets
 2 and 4).
 
+Part ``b4parts`` (fifteenth session): what budget 4 costs over uniform k = 2 (the same 4 bits on average), int8
+engine: the routed step, the same step with the counts of one routed step given (the router launches run, their MLPs
+do not: the same mixed k in the linears without the routing work), and uniform k = 2 given, alternating rounds.
+
 Part ``rwarps``: the router launch's warps (2 / 4 / 8; add_rms_norm follows), alternating rounds (int8, budget 4).
 
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
@@ -54,7 +58,7 @@ DB = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
-PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early
+PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts
 
 
 def step_ms(eng, prompt, rounds=3):
@@ -207,6 +211,25 @@ def router_warps_ab(model, prompt, res, save):
               [(dict(num_warps=w), use(w)) for w in (4, 2, 8)], use(shipped))
 
 
+def b4_parts(model, prompt, res, save):
+    eng = DecodeEngine(model, 1024, int8_activations=True)
+    eng.set_budget(4.0)
+    eng.prefill(prompt)
+    _, counts = eng.decode()
+    counts = counts.reshape(-1).clone()
+    res["b4_counts"] = {str(k): int((counts == k).sum()) for k in range(1, 5)}
+    DB.log(f"budget 4 counts of one step: {res['b4_counts']}")
+    cases = (("budget_4_routed", eng.set_budget, 4.0), ("budget_4_counts_given", eng.set_counts, counts),
+             ("k2_given", eng.set_k, 2))
+    res["b4_parts"] = rows = []
+    for rnd in range(2):
+        for name, setter, arg in cases:
+            setter(arg)
+            rows.append(dict(case=name, round=rnd, step_ms=step_ms(eng, prompt)))
+            DB.log(f"round {rnd} int8 {name}: {rows[-1]['step_ms']:.4f} ms/step")
+            save()
+
+
 def main():
     import transformers
 
@@ -231,6 +254,9 @@ def main():
             early_ab(model, prompt, res, save)
         if "rwarps" in PARTS:
             router_warps_ab(model, prompt, res, save)
+        if "b4parts" in PARTS:
+            b4_parts(model, prompt, res, save)
+            torch.cuda.empty_cache()
         if "attn" in PARTS:
             attn_ab(model, prompt, res, save)
         if "argmax" in PARTS:
