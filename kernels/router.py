@@ -29,8 +29,10 @@ programmatic dependent launch) may then start and prefetch its weights into L2 w
 counts only after its ``griddepcontrol.wait``, which waits for this grid to complete. The router is itself launched
 with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the engine's CHUNK_K = BLOCK_K = 256), it loads
 its fc1 tile, input scales and (norm prologue) the norm's weights, constants never written by a kernel, before its
-own ``griddepcontrol.wait``, so that load overlaps the kernel before it (the norm, the attention, SiLU·up); x, τ, the
-flags and every store come after.
+own ``griddepcontrol.wait``, so that load overlaps the kernel before it (the norm, the attention, SiLU·up); so is
+the given flag, which only the host writes (set_budget's copies, before the graph runs; a kernel before this one
+that wrote it would not have triggered the launch early: only this package's kernels do, and none writes it). x, τ,
+the force flags and every store come after.
 With ``x_int8`` (the int8-activation option, act_int8.py), router 0's programs also round their K chunk of x to
 int8 per group of 128 and store the codes and (sx, SX) for the linear after them: the option needs no launch of its
 own (KERNEL_NOTES.md, "Eleventh session").
@@ -153,7 +155,10 @@ def _route_counts_kernel(
                       mask=h_mask[:, None] & k_mask1[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
         if PRO == 1:  # the norm's weights
             nw_t = tl.load(nw_ptr + offs_k1, mask=k_mask1, other=0.0)
-    if WAIT:  # launched with PDL: x, tau, the flags and the workspace only after the previous grid completed
+    # whether the count is given: written by the host's copies (set_budget, set_k) before the graph runs, never by a
+    # kernel of the step, so read before the wait
+    given = tl.load(given_ptr + r) != 0
+    if WAIT:  # launched with PDL: x, tau, the force flags and the workspace only after the previous grid completed
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
     if ONE_TILE:  # the program's K chunk of x: given, or computed by the prologue (router 0 stores it)
@@ -172,7 +177,6 @@ def _route_counts_kernel(
         if QUANT:  # router 0's programs also write x's int8 codes for the linear after them (groups of 128)
             if r == 0:
                 quantize_groups(xv, xq_ptr, xs_ptr, k_lo, dest_ptr, BLOCK_K // 128, 128)
-    given = tl.load(given_ptr + r) != 0
     if given:  # uniform / random modes, routerless linears: no fc1 to stream
         if FINISH:
             if c == 0:

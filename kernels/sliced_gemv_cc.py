@@ -890,11 +890,16 @@ def _sliced_gemv_cc_kernel(
             ring_init(ring, RS)
     else:
         ring = 0
+    if ROUTE:  # the router's given flag and count: written by the host's copies (set_budget, set_k) before the
+        # graph runs, never by a kernel of the step, so read before the PDL wait (one round trip fewer after it)
+        r = R_OFF + seg
+        r_given = tl.load(rgiven_ptr + r) != 0
+        r_cin = tl.load(rcin_ptr + r)
     if PDL:
         # Programmatic dependent launch: this program may start while the previous kernel still runs. Before the
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
-        # into L2 (REARLY: the ring's first stages get their plane 1, s and z already). x, k, y and the split-K
-        # workspace are touched only after the wait.
+        # into L2 (REARLY: the ring's first stages get their plane 1, s and z already), and with ROUTE the
+        # router's flag and given count. x, k, y and the split-K workspace are touched only after the wait.
         if REARLY:
             for i in tl.static_range(RS):
                 if g_lo + i < g_hi:
@@ -912,9 +917,8 @@ def _sliced_gemv_cc_kernel(
     rtile = (ring, w_ptr, s_ptr, z_ptr, pid_n * BLOCK_N, tl.minimum(N - pid_n * BLOCK_N, BLOCK_N), x_first)
     rope = (rp_cos, rp_sin, rp_pos, rp_kc, rp_vc, rp_q, RP_S, seg, pid_n * BLOCK_N)
     if ROUTE:  # one token (M = 1): the count from the router's partials, as router.route_counts finishes it
-        r = R_OFF + seg
-        if tl.load(rgiven_ptr + r) != 0:
-            cnt = tl.load(rcin_ptr + r)
+        if r_given:
+            cnt = r_cin
         else:
             cnt = route_finish(rws_ptr + r * (RSPLIT * RHP), rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr,
                                r, RH, REM1, RHP, RSPLIT, False, USE_ASM)

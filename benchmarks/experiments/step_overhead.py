@@ -27,7 +27,9 @@ loaded before griddepcontrol.wait (``decode_step.EARLY_LOADS``) off and on, alte
 
 Part ``b4parts`` (fifteenth session): what budget 4 costs over uniform k = 2 (the same 4 bits on average), int8
 engine: the routed step, the same step with the counts of one routed step given (the router launches run, their MLPs
-do not: the same mixed k in the linears without the routing work), and uniform k = 2 given, alternating rounds.
+do not: the same mixed k in the linears without the routing work), and uniform k = 2 given, alternating rounds;
+then, in a second engine, the router launches computing their fc1 partials while the linears take those counts as
+given (``RoutePlan.args`` patched here: the router side of the routing work alone).
 
 Part ``rwarps``: the router launch's warps (2 / 4 / 8; add_rms_norm follows), alternating rounds (int8, budget 4).
 
@@ -228,6 +230,33 @@ def b4_parts(model, prompt, res, save):
             rows.append(dict(case=name, round=rnd, step_ms=step_ms(eng, prompt)))
             DB.log(f"round {rnd} int8 {name}: {rows[-1]['step_ms']:.4f} ms/step")
             save()
+    del eng
+    torch.cuda.empty_cache()
+    from mobiquant.kernels import router
+
+    args = router.RoutePlan.args
+    try:  # the linears read the plan's flags: all given, from counts_in (the routed step's counts)
+        ones = {}  # made in the warm-up runs before the capture, so the graph holds no fill launch
+
+        def given_all(p):
+            key = (p.given.data_ptr(), p.given.numel())
+            if key not in ones:
+                ones[key] = torch.ones_like(p.given, dtype=torch.int8)
+            return [*args(p)[:7], ones[key], *args(p)[8:]]
+
+        router.RoutePlan.args = given_all
+        eng = DecodeEngine(model, 1024, int8_activations=True, capture=False)
+        eng.set_budget(4.0)
+        eng.counts_in.copy_(counts)
+        eng.capture()
+        for rnd in range(2):
+            rows.append(dict(case="router_partials_linears_given", round=rnd, step_ms=step_ms(eng, prompt)))
+            DB.log(f"round {rnd} int8 router partials, linears given: {rows[-1]['step_ms']:.4f} ms/step")
+            save()
+        _, c2 = eng.decode()
+        res["b4_router_side_counts_equal"] = bool(torch.equal(c2.reshape(-1), counts))
+    finally:
+        router.RoutePlan.args = args
 
 
 def main():
