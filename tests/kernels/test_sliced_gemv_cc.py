@@ -394,14 +394,14 @@ def test_gpu_several_weights_llama_shapes(Ns, kmat):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("int8,config", [
-    (True, None),  # the tuned int8 entry (tiles of 128 rows on the ring, 8 splits): the PTX rotary
-    (False, dict(BLOCK_N=128, GPI=1, SPLIT_K=8, num_warps=4, PF=1, MMA=15, PDL=1)),
-    (False, None),  # the tuned fp16 entry (64 rows): the rotary kernel after the launch
+@pytest.mark.parametrize("int8,config,fused", [
+    (True, None, True),  # the tuned int8 entry (tiles of 128 rows on the ring, 8 splits): the PTX rotary
+    (False, None, True),  # the tuned fp16 entry (128 rows, tensor cores from registers)
+    (False, dict(BLOCK_N=128, GPI=1, SPLIT_K=16, num_warps=4, PF=1, PDL=1), True),  # the CUDA-core path
+    (False, dict(BLOCK_N=64, GPI=1, SPLIT_K=8, num_warps=4, PF=1, MMA=15, PDL=1), False),  # half a head: fallback
 ])
-def test_gpu_qkv_rope_llama_shapes(int8, config, monkeypatch):
-    run_rope(32, 8, 128, 4096, [2, 1, 4], config, 700, int8, fused=config is not None or int8,
-             monkeypatch=monkeypatch)
+def test_gpu_qkv_rope_llama_shapes(int8, config, fused, monkeypatch):
+    run_rope(32, 8, 128, 4096, [2, 1, 4], config, 700, int8, fused=fused, monkeypatch=monkeypatch)
 
 
 @pytest.mark.gpu
