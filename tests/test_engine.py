@@ -220,10 +220,8 @@ def test_rope_in_the_qkv_launch(routed_model, monkeypatch):
     rope_kv = cc.rope_kv
     calls = []
     monkeypatch.setattr(cc, "rope_kv", lambda *a: calls.append(1) or rope_kv(*a))  # the fallback after the launch
-    ids = torch.randint(0, 96, (3,), device=DEVICE)
-    for e in (on, off):
+    for e in (on, off):  # decode steps from position 0 (no prefill: the step is what differs)
         e.set_budget(5.0)
-        e.prefill(ids)
     for _ in range(2):
         tok = int(torch.randint(0, 96, (1,)))
         (l1, c1), (l2, c2) = on.decode(tok), off.decode(tok)
