@@ -529,8 +529,8 @@ def main():
                 config="LLaMA-3-8B shape, random weights, fp16; slices 2,2,2,2, group 128, routers hidden 16",
                 engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger, "
                 "router finished inside the linears (fuse_router), norms and SiLU·up inside the router launches "
-                "(router_glue), the rotary inside the q/k/v launch where its tiles hold whole heads (fuse_rope: "
-                "the int8-activation configs), two-stage greedy argmax"
+                "(router_glue), the rotary inside the q/k/v launch where its tiles hold whole heads (fuse_rope), "
+                "two-stage greedy argmax"
                 + (", fuse_router off / on alternately (A/B)" if args.router_ab else "")
                 + (", glue and router PDL off / on alternately (A/B)" if args.pdl_ab
                    else ", glue and router launched with PDL" if args.glue_pdl else ", glue and router without PDL"))

@@ -544,14 +544,15 @@ class DecodeEngine:
     def _norm_group(self, group, multi, blk, leaves, h, r, ln, th, rope=None):
         """x = ln(h + r) and a group's linears on it (q/k/v or gate/up) at one token: the norm inside the router
         launch (router_glue), or add_rms_norm, then the fused router and one launch, or the router and the linears.
-        rope: passed to the fused launch (``_route_linear``; ``_rope_in_qkv`` says where it applies).
+        rope: passed to the fused launch with router_glue (``_route_linear``; ``_rope_in_qkv`` says where it
+        applies).
         Returns (counts (1, R) or None, the outputs, h + r)."""
         mq = torch.ops.mobiquant
         if self._fused_route(group, multi is not None):
             if self.router_glue:
                 return self._route_linear(group, multi, None, th, norm=(h, r, ln), rope=rope)
-            h, x = mq.add_rms_norm(h, r, ln.weight, ln.variance_epsilon)
-            return (*self._route_linear(group, multi, x, th, rope=rope)[:2], h)
+            h, x = mq.add_rms_norm(h, r, ln.weight, ln.variance_epsilon)  # (fuse_rope needs router_glue: no rope)
+            return (*self._route_linear(group, multi, x, th)[:2], h)
         h, x = mq.add_rms_norm(h, r, ln.weight, ln.variance_epsilon)
         c = self._route(group, x, th, None)
         if self.fuse_linears and multi is not None:

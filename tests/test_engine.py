@@ -203,17 +203,16 @@ def test_int8_activations_engine(routed_model):
 
 def test_rope_in_the_qkv_launch(routed_model, monkeypatch):
     """fuse_rope: the q/k/v launch rotates q and k and writes the cache itself (no rotary launch); counts, logits
-    and caches equal the engine that launches the rotary, bit for bit, at a budget (int8 activations, the path
-    whose H100 configs fuse it; tests/kernels/test_sliced_gemv_cc.py covers fp16 activations too)."""
+    and caches equal the engine that launches the rotary, bit for bit, at a budget (int8 activations here;
+    tests/kernels/test_sliced_gemv_cc.py covers fp16 activations too)."""
     import importlib
 
     from mobiquant import MoBiQuantError
 
     pytest.importorskip("triton")
-    int8 = True
     model = routed_model(_wide_llama(512), group_size=128).half().to(DEVICE)
-    on = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=int8)
-    off = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=int8, fuse_rope=False)
+    on = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True)
+    off = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True, fuse_rope=False)
     assert on.fuse_rope and not off.fuse_rope
     assert on._rope_in_qkv(on.groups[0]["qkv"], on.multi[0].get("qkv"))
     cc = importlib.import_module("mobiquant.kernels.sliced_gemv_cc")
