@@ -21,6 +21,10 @@ Rows (batch 1, greedy, a 32-token random prompt, then --tokens new tokens):
 * the engine with ``int8_activations`` (the router launch rounds x to int8 per group of 128, the linears run the
   int8 tensor-core path) at the same budgets, and its first step at budget 4 against the fp16-activation engine's
   (counts equal, logits' relative difference, same argmax); --no-int8 skips it.
+* the engines with ``head_slices`` (lm_head sliced like the linears and run at a fixed count, --head-slices, by
+  default 3 and 4: 6 and 8 bits), fp16 and int8 activations, at the same budgets, and each one's first step at
+  budget 4 against the same engine with the full-precision head (counts equal, logits' relative difference, same
+  argmax). lm_head is 1.05 GB in fp16: 0.37 ms of every step (benchmarks/experiments/head_gemv.py).
 * elastic_generate (the app's API) at budget 4: the engine plus one host read of logits and counts per token.
 * HF ``generate`` on the quantized model at k = 2 (eager forward; MoBiQuantLinear calls the kernels' custom op).
 
@@ -154,10 +158,12 @@ def engine_tps(eng: DecodeEngine, prompt: torch.Tensor, n: int, reps: int, setup
     return row
 
 
-def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: int, args, rows: dict, res: dict):
+def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: int, args, rows: dict, res: dict
+                     ) -> DecodeEngine:
     """A second engine with ``int8_activations``: tok/s at every budget, and its first decode step against the
     fp16-activation engine's: at k = 2 for every linear (the same weights, only x rounded) and at budget 4, where a
-    router after the first block may flip a count when its score lies within the rounding's effect of τ."""
+    router after the first block may flip a count when its score lies within the rounding's effect of τ.
+    Returns the engine."""
     t0 = time.perf_counter()
     eng8 = DecodeEngine(model, max_len, int8_activations=True)
     rows["engine_int8_act_build_s"] = time.perf_counter() - t0
@@ -175,6 +181,31 @@ def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: in
         r = rows[f"engine_int8_act_budget_{b:g}"] = engine_tps(eng8, prompt, args.tokens, args.reps,
                                                                lambda b=b: eng8.set_budget(b))
         log(f"engine int8 activations budget {b:g}", r["tok_s"], r["bits"])
+    return eng8
+
+
+def head_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: int, args, rows: dict, res: dict,
+                     head: int, int8: bool):
+    """An engine with ``head_slices=head`` (lm_head sliced and run at that count), fp16 or int8 activations:
+    tok/s at every budget, and its first decode step at budget 4 against ``eng`` (the same activations, the
+    full-precision head): counts equal, logits' relative difference, same argmax."""
+    t0 = time.perf_counter()
+    engh = DecodeEngine(model, max_len, int8_activations=int8, head_slices=head)
+    name = f"engine{'_int8_act' if int8 else ''}_head{head}"
+    rows[f"{name}_build_s"] = time.perf_counter() - t0
+    for e in (eng, engh):
+        e.set_budget(4.0)
+        e.prefill(prompt)
+    tok = int(prompt[-1])  # the same input token (the heads' greedy tokens after the prompt may differ)
+    (lf, cf), (lh, ch) = eng.decode(tok), engh.decode(tok)
+    res[f"check_{name}"] = dict(counts_equal_fraction=(cf == ch).float().mean().item(),
+                                logits_rel_diff=((lh - lf).norm() / lf.norm()).item(),
+                                argmax_equal=int(lh.argmax()) == int(lf.argmax()))
+    log(f"{name} vs the full-precision head, first decode step at budget 4:", res[f"check_{name}"])
+    for b in BUDGETS:
+        r = rows[f"{name}_budget_{b:g}"] = engine_tps(engh, prompt, args.tokens, args.reps,
+                                                      lambda b=b: engh.set_budget(b))
+        log(f"{name} budget {b:g}", r["tok_s"], r["bits"])
 
 
 def hf_generate_tps(model, prompt: torch.Tensor, n: int, reps: int) -> dict:
@@ -513,6 +544,8 @@ def main():
     ap.add_argument("--router-ab", action="store_true", help="fuse_router off / on, step times (see docstring)")
     ap.add_argument("--glue-pdl", type=int, default=1, help="0: glue and router launched without PDL (as before)")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8-activation engine's rows")
+    ap.add_argument("--head-slices", default="3,4",
+                    help="engines with lm_head sliced at these counts (head_slices), comma-separated; '' = none")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_h100.json"))
     args = ap.parse_args()
     from mobiquant.kernels import decode_step
@@ -591,10 +624,18 @@ def main():
         rows["switch"] = switch_latency(eng, prompt)
         log("switch", rows["switch"])
         save()
+        eng8 = None
         if not args.no_int8:  # the int8-activation option: same routers and budgets, x rounded per group of 128
-            int8_engine_rows(model, eng, prompt, max_len, args, rows, res)
-            torch.cuda.empty_cache()  # the int8 engine's buffers and graph are gone with the function's frame
+            eng8 = int8_engine_rows(model, eng, prompt, max_len, args, rows, res)
             save()
+        for head in [int(h) for h in args.head_slices.split(",") if h]:  # lm_head sliced, at a fixed count
+            for ref in (eng, eng8):
+                if ref is not None:
+                    head_engine_rows(model, ref, prompt, max_len, args, rows, res, head, ref is eng8)
+                    torch.cuda.empty_cache()  # the head engine's buffers and graph are gone with the function's frame
+                    save()
+        del eng8
+        torch.cuda.empty_cache()
         model.__dict__["_mobiquant_engine"] = eng  # elastic_generate reuses it
         eng._fingerprint = _fingerprint(model)
         rows["elastic_generate_budget_4"] = elastic_generate_tps(model, prompt.cpu(), min(args.tokens, 64))

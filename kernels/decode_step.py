@@ -15,6 +15,8 @@ launches per block (2 where the router launches compute the norms and SiLU·up: 
                                  one query per head against cache slots j <= pos (and j > pos - window), GQA
                                  (head h reads kv head h // (H / KV))                          (H, Dh) -> (H*Dh,)
     silu_mul(g, u)               silu(g) * u                                                    (N,) -> (N,)
+    greedy_step(logits, out, tok, pos, ws)
+                                 the step's tail: out = logits in fp32, tok = the first argmax, pos += 1     (V,)
 
 Rounding follows the torch code they replace, step by step, so that the fused step matches the unfused one to
 rounding of sums: every fp16/bf16 result of torch (a product, a sum, the normalised activation, the attention
@@ -381,4 +383,60 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return y
 
 
-__all__ = ["add_rms_norm", "rope_kv", "decode_attention", "silu_mul"]
+# ------------------------------------------------------------------------------------------ greedy tail
+GREEDY_BLOCK = 1024  # logits per program: 126 programs for LLaMA-3's 128256
+
+
+@triton.jit
+def _greedy_step_kernel(l_ptr, out_ptr, tok_ptr, pos_ptr, wv_ptr, wi_ptr, cnt_ptr, V, NP,
+                        BLOCK: tl.constexpr, NPP: tl.constexpr, PDL: tl.constexpr):
+    """Program p: logits [p BLOCK, (p + 1) BLOCK) to fp32, and their first maximum (value, index) stored at wv[p],
+    wi[p]; the last program to arrive (a self-resetting counter, as the split-K kernels') reduces the NP partials
+    in index order, stores the token and advances the position. NaN ranks above every number (torch's max)."""
+    _pdl_enter(PDL)
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < V
+    v = tl.load(l_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    tl.store(out_ptr + offs, v, mask=mask)
+    key = tl.where(v != v, float("inf"), v)
+    m = tl.max(key, axis=0)
+    tl.store(wv_ptr + pid, m)
+    tl.store(wi_ptr + pid, tl.min(tl.where(key == m, offs, V), axis=0))  # the first index holding it
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == NP - 1:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+        o = tl.arange(0, NPP)
+        valid = o < NP
+        mv = tl.load(wv_ptr + o, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        mi = tl.load(wi_ptr + o, mask=valid, other=V, cache_modifier=".cg")
+        best = tl.max(mv, axis=0)
+        tl.store(tok_ptr, tl.min(tl.where(mv == best, mi, V), axis=0).to(tl.int64))
+        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+
+
+def greedy_workspace(V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values (P,) fp32, indices (P,) int32, counter (1,) int32 = 0) for ``greedy_step`` over V logits."""
+    P = triton.cdiv(V, GREEDY_BLOCK)
+    return (torch.empty(P, dtype=torch.float32, device=device), torch.empty(P, dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def greedy_step(logits: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor,
+                ws: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """The decode step's tail in one launch: out (V,) fp32 = logits (V,); tok (1,) int64 = the index of the first
+    maximum (NaN first, as torch's argmax); pos (1,) int64 += 1. ws: ``greedy_workspace(V)``, its counter at 0
+    (the kernel leaves it so)."""
+    V = logits.numel()
+    wv, wi, cnt = ws
+    P = triton.cdiv(V, GREEDY_BLOCK)
+    if out.numel() != V or out.dtype != torch.float32 or wv.numel() < P or wi.numel() < P or V >= 2**31:
+        raise ValueError(f"greedy_step: {V} logits, out {tuple(out.shape)} {out.dtype}, workspace {wv.numel()}")
+    if tok.dtype != torch.int64 or pos.dtype != torch.int64 or not logits.is_contiguous():
+        raise ValueError("greedy_step: tok and pos are int64 device tensors, logits contiguous")
+    _greedy_step_kernel[(P,)](logits, out, tok, pos, wv, wi, cnt, V, P, BLOCK=GREEDY_BLOCK,
+                              NPP=triton.next_power_of_2(P), num_warps=4, **_pdl_opts(logits))
+
+
+__all__ = ["add_rms_norm", "rope_kv", "decode_attention", "silu_mul", "greedy_step", "greedy_workspace"]

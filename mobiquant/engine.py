@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .config import MoBiQuantConfig
 from .errors import MoBiQuantError
 from .nn.linear import MoBiQuantLinear
 from .route import ThresholdTable, forced_count
@@ -143,7 +144,7 @@ class DecodeEngine:
     def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
                  capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
                  fuse_linears: bool | None = None, fuse_router: bool | None = None, router_glue: bool | None = None,
-                 int8_activations: bool = False, fuse_rope: bool | None = None):
+                 int8_activations: bool = False, fuse_rope: bool | None = None, head_slices: int | None = None):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -192,6 +193,7 @@ class DecodeEngine:
         with torch.no_grad():
             self._build_linears()
             self._build_int8_buffers()
+            self._build_head(head_slices)
             L, S = len(self.layers), self.max_seq_len
             self.k_cache = torch.zeros(L, self.n_kv, S, self.head_dim, dtype=self.dtype, **dev)
             self.v_cache = torch.zeros_like(self.k_cache)
@@ -205,6 +207,8 @@ class DecodeEngine:
             self.logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, **dev)
             self.counts_out = torch.ones(max(self.n_linears, 1), dtype=torch.int32, **dev)
             self._kv_pos = torch.arange(S, **dev)
+            if self.fuse_glue:  # greedy_step's partial maxima and counter (static: the graph holds them)
+                self._greedy_ws = ops.greedy_workspace(cfg.vocab_size, self.device)
         self.graph = None
         self.captures = 0  # graphs captured so far (a budget change must not add one)
         self._step = torch.compile(self._decode_body, fullgraph=False) if compile else self._decode_body
@@ -234,6 +238,45 @@ class DecodeEngine:
                 self.packed[j] = m.packed(self.device)
             else:
                 self.dense[j] = [m._dense_weight(k, self.dtype, self.device) for k in range(1, m.num_slices + 1)]
+
+    def _build_head(self, head_slices: int | None) -> None:
+        """``head_slices`` (an option that changes the numerics; None: lm_head in the model's precision): lm_head
+        sliced like the quantized linears (same slices, same group size for its input width, no router,
+        ``MoBiQuantLinear.from_linear``) and run at that fixed count, on the kernels where they run."""
+        self.head_slices = head_slices
+        if head_slices is None:
+            return
+        head = self.model.lm_head
+        if not isinstance(head, nn.Linear):
+            raise MoBiQuantError(f"head_slices needs an nn.Linear lm_head, not {type(head).__name__}")
+        K = head.in_features
+        same_k = [m for m in self.quant if m.in_features == K]
+        bits = self.quant[0].slice_bits if self.quant else MoBiQuantConfig().slice_bits
+        group = same_k[0].group_size if same_k else None
+        config = MoBiQuantConfig(slice_bits=bits, group_size=group)
+        if not 1 <= head_slices <= len(bits):
+            raise MoBiQuantError(f"head_slices={head_slices}: the slices {bits} give 1..{len(bits)}")
+        q = MoBiQuantLinear.from_linear(head, config)  # sliced on lm_head's device
+        if self.use_kernels and not q.kernel_compatible:
+            raise MoBiQuantError(f"head_slices: lm_head sliced {bits}, group {q.group_size}, does not fit the "
+                                 "kernels (2-bit slices, E <= 4, K % 16, group % 32)")
+        self.head_k = torch.full((1,), int(head_slices), dtype=torch.int32, device=self.device)
+        self.head_bias = q.bias
+        if self.use_kernels:
+            self.head_packed = q.packed(self.device)
+        else:
+            self.head_weight = q._dense_weight(int(head_slices), self.dtype, self.device)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """logits (1, V) of one token's final hidden state x (1, hidden): lm_head, or its first ``head_slices``
+        slices."""
+        if self.head_slices is None:
+            return F.linear(x, self.model.lm_head.weight, self.model.lm_head.bias)
+        if not self.use_kernels:
+            return F.linear(x, self.head_weight, self.head_bias)
+        P = self.head_packed
+        return torch.ops.mobiquant.sliced_linear(x, P.qweight, P.scale, P.zero, self.head_k, self.head_bias,
+                                                 P.group_size)
 
     def _build_int8_buffers(self) -> None:
         """int8 activations: per input width K, the (xq (1, K/4) int32, xs (1, K/128, 2) fp32) buffers that a routed
@@ -490,7 +533,7 @@ class DecodeEngine:
             h = h + lin("down_proj", a, cd, grp["down"])
             all_counts += [t for t in (c, co, cg, cd) if t is not None]
         h = self.base.norm(h[-1:])
-        logits = F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)[0].float()
+        logits = self._head(h)[0].float()
         if not all_counts:
             return logits, torch.ones(T, 1, dtype=torch.int32, device=ids.device)
         return logits, torch.cat(all_counts, dim=1)
@@ -522,7 +565,7 @@ class DecodeEngine:
             cd, pending = self._silu_down(grp["down"], blk, g, u, th)
             all_counts += [t for t in (c, co, cg, cd) if t is not None]
         _, x = mq.add_rms_norm(h, pending, self.base.norm.weight, self.base.norm.variance_epsilon)
-        logits = F.linear(x, self.model.lm_head.weight, self.model.lm_head.bias)[0]  # fp32 in _decode_body's copy
+        logits = self._head(x)[0]  # fp32 in _decode_body's copy
         if not all_counts:
             return logits, torch.ones(1, 1, dtype=torch.int32, device=ids.device)
         return logits, self._counts_row(all_counts)
@@ -577,9 +620,12 @@ class DecodeEngine:
             logits, counts = self._decode_fused(self.tok, self.pos)
         else:
             logits, counts = self._forward(self.tok, self.pos, decode=True)
-        self.logits.copy_(logits)
         if counts.data_ptr() != self.counts_out.data_ptr():
             self.counts_out.copy_(counts[0])
+        if self.fuse_glue:  # one launch: the logits in fp32, the greedy token, the next position
+            torch.ops.mobiquant.greedy_step(logits, self.logits, self.tok, self.pos, *self._greedy_ws)
+            return
+        self.logits.copy_(logits)
         self.tok.copy_(greedy(self.logits).reshape(1))  # greedy feedback: the next step's input unless overwritten
         self.pos.add_(1)
 

@@ -288,7 +288,42 @@ def silu_mul_ref(g, u):
     return torch.nn.functional.silu(g) * u
 
 
+@torch.library.custom_op("mobiquant::greedy_step", mutates_args=("out", "tok", "pos", "wv", "wi", "cnt"))
+def greedy_step(logits: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, wv: torch.Tensor,
+                wi: torch.Tensor, cnt: torch.Tensor) -> None:
+    """The decode step's tail: out (V,) fp32 = logits (V,), tok (1,) int64 = the first argmax, pos (1,) += 1.
+    wv, wi, cnt: the kernel's workspace (``kernels.decode_step.greedy_workspace``; unused by the torch twin)."""
+    if _use_triton(logits):
+        from mobiquant.kernels.decode_step import greedy_step as launch
+
+        launch(logits, out, tok, pos, (wv, wi, cnt))
+        return
+    greedy_step_ref(logits, out, tok, pos)
+
+
+@greedy_step.register_fake
+def _(logits, out, tok, pos, wv, wi, cnt):
+    return None
+
+
+def greedy_workspace(V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``greedy_step``'s workspace for V logits (the kernel's; empty tensors without triton: the twin needs none)."""
+    if triton_available():
+        from mobiquant.kernels.decode_step import greedy_workspace as kernel_workspace
+
+        return kernel_workspace(V, device)
+    return tuple(torch.zeros(1, dtype=dt, device=device) for dt in (torch.float32, torch.int32, torch.int32))
+
+
+def greedy_step_ref(logits, out, tok, pos, *workspace):
+    """Pure torch twin of ``greedy_step`` (torch's argmax: the first maximum, NaN above every number)."""
+    out.copy_(logits)
+    tok.copy_(out.argmax().reshape(1))
+    pos.add_(1)
+
+
 __all__ = ["sliced_linear", "sliced_linear_ref", "sliced_linear_multi", "sliced_linear_multi_ref", "route_counts",
            "route_counts_ref", "router_scores", "counts_from_scores", "kernel_compatible", "triton_available",
            "add_rms_norm", "add_rms_norm_ref", "rope_kv", "rope_kv_ref", "decode_attention", "decode_attention_ref",
-           "silu_mul", "silu_mul_ref"]
+           "silu_mul", "silu_mul_ref", "greedy_step", "greedy_step_ref",
+           "greedy_workspace"]

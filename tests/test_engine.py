@@ -120,6 +120,7 @@ def test_fused_decode_glue_matches_torch_glue(fixture, routed_model, request):
             (l1, c1), (l2, c2) = ef.decode(tok), et.decode(tok)
             torch.testing.assert_close(l1, l2, atol=5e-3 * l2.abs().max().item(), rtol=0)
             agree.append((c1 == c2).float().mean().item())
+            assert int(ef.tok) == int(l1.argmax()) and int(ef.pos) == int(et.pos)  # greedy_step: the step's tail
         assert torch.equal(ef.k_cache[:, :, :7], et.k_cache[:, :, :7])  # rotary and cache writes: same roundings
     assert sum(agree) / len(agree) > 0.9  # fp16 activations: a score next to τ may fall either side
 
@@ -230,6 +231,45 @@ def test_rope_in_the_qkv_launch(routed_model, monkeypatch):
     assert len(set(c1.tolist())) > 1 and not calls
     with pytest.raises(MoBiQuantError, match="fuse_rope"):
         DecodeEngine(model, 16, use_kernels=True, capture=False, router_glue=False, fuse_rope=True)
+
+
+def test_quantized_head(tiny_llama, routed_model):
+    """head_slices: lm_head sliced like the linears (MoBiQuantLinear.from_linear, the model's slices and group) and
+    run at that fixed count. The dense path's logits equal those of the engine on the model whose lm_head holds
+    Ŵ_k; the kernels (the interpreter on the CPU) match them to fp16 rounding, in prefill and in the fused decode
+    step; the model itself is not modified (its lm_head stays tied to the embedding); a wrong count is refused."""
+    from mobiquant import MoBiQuantConfig, MoBiQuantError
+    from mobiquant.nn.linear import MoBiQuantLinear
+
+    pytest.importorskip("triton")
+    model = routed_model(tiny_llama).half().to(DEVICE)
+    head = model.lm_head
+    ids = torch.randint(0, 96, (4,), device=DEVICE)
+
+    def logits(e):  # prefill, then one decode step (kernels: the fused step, add_rms_norm then the head)
+        e.set_k(2)  # given counts: the kernels' routers could put a score next to τ on the other side
+        return e.prefill(ids)[0].clone(), e.decode(9)[0].clone()
+
+    ed = DecodeEngine(model, 16, use_kernels=False, capture=False, head_slices=3)
+    ek = DecodeEngine(model, 16, use_kernels=True, capture=False, head_slices=3)
+    assert ek.fuse_glue
+    dense, kern, full = logits(ed), logits(ek), logits(DecodeEngine(model, 16, use_kernels=False, capture=False))
+    assert model.lm_head is head and head.weight is model.model.embed_tokens.weight
+    W3 = MoBiQuantLinear.from_linear(head, MoBiQuantConfig(group_size=32)).weight_k(3).to(torch.float16)
+    model.lm_head = torch.nn.Linear(64, 96, bias=False, device=DEVICE, dtype=torch.float16)
+    try:
+        model.lm_head.weight.data.copy_(W3)
+        ref = logits(DecodeEngine(model, 16, use_kernels=False, capture=False))
+    finally:
+        model.lm_head = head
+    for ld, lk, lr, lf in zip(dense, kern, ref, full):
+        assert torch.equal(ld, lr)
+        torch.testing.assert_close(lk, ld, atol=5e-3 * ld.abs().max().item(), rtol=0)
+        assert not torch.equal(ld, lf)  # the head is quantized: not the full-precision logits
+        assert ((ld - lf).norm() / lf.norm()).item() < 0.1  # 6 bits: close to them
+    for bad in (0, 5):
+        with pytest.raises(MoBiQuantError, match="head_slices"):
+            DecodeEngine(model, 16, use_kernels=False, capture=False, head_slices=bad)
 
 
 def test_int8_activations_need_the_fused_router_and_groups_of_128(tiny_llama, routed_model):

@@ -98,11 +98,47 @@ def test_silu_mul(dtype, N):
     torch.testing.assert_close(y.float(), ref.float(), atol=ulps(dtype) * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("V", [128256, 1025, 96, 5])
+def test_greedy_step(dtype, V):
+    """The step's tail against its twin: the fp32 logits, the first argmax (with ties, a NaN, all -inf), pos + 1; twice
+    in a row on one workspace (its counter resets itself). Outputs poisoned first."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    cases = [torch.randn(V, generator=g)]
+    tie = torch.randn(V, generator=g)
+    j = torch.randint(0, V, (2,), generator=g).sort().values
+    tie[j] = tie.max() + 1  # two equal maxima: the first one
+    cases.append(tie)
+    nan = torch.randn(V, generator=g)
+    nan[j[-1]] = float("nan")  # NaN ranks above every number, as torch's argmax
+    cases.append(nan)
+    cases.append(torch.full((V,), float("-inf")))
+    ws = ds.greedy_workspace(V, DEVICE)
+    for x in cases:
+        logits = x.to(dtype).to(DEVICE)
+        out = torch.full((V,), 7.0, device=DEVICE)
+        tok = torch.tensor([-1], device=DEVICE)
+        pos = torch.randint(0, 100, (1,), generator=g).to(DEVICE)
+        ref_out, ref_tok, ref_pos = torch.empty_like(out), tok.clone(), pos.clone()
+        ops.greedy_step_ref(logits, ref_out, ref_tok, ref_pos)
+        for step in range(2):
+            ds.greedy_step(logits, out, tok, pos, ws)
+            assert torch.equal(out.isnan(), ref_out.isnan())
+            assert torch.equal(out.nan_to_num(), ref_out.nan_to_num())
+            assert torch.equal(tok, ref_tok) and int(pos) == int(ref_pos) + step
+        assert int(ws[2]) == 0
+
+
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError):
         ds.add_rms_norm(rnd(2, 64), None, rnd(64), 1e-5)  # two tokens
     with pytest.raises(ValueError):
         ds.silu_mul(rnd(1, 8), rnd(1, 9))
+    one = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="greedy_step"):  # out in fp16, a workspace too small
+        ds.greedy_step(rnd(100), rnd(100), one, one, ds.greedy_workspace(100, DEVICE))
+    with pytest.raises(ValueError, match="greedy_step"):
+        ds.greedy_step(rnd(2000), rnd(2000).float(), one, one, ds.greedy_workspace(100, DEVICE))
     kc = rnd(2, 8, 16)
     with pytest.raises(ValueError):
         ds.decode_attention(rnd(3, 16), kc, kc, torch.tensor([0], device=DEVICE), 0, 0.25)  # 3 heads over 2 kv
