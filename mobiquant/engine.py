@@ -741,24 +741,26 @@ def _fingerprint(model) -> tuple:
     return (emb.device, emb.dtype, emb.data_ptr(), tuple((id(m), m.plane_1.data_ptr(), id(m.router)) for m in qs))
 
 
-def engine_for(model, needed_len: int, int8_activations: bool = False) -> DecodeEngine | None:
-    """The model's cached engine with at least ``needed_len`` positions and the given ``int8_activations`` (built
-    or rebuilt when needed), or None if the engine cannot serve this model (``supported``) or is busy with another
-    generation. A model the int8 option does not fit raises MoBiQuantError."""
+def engine_for(model, needed_len: int, int8_activations: bool = False,
+               head_slices: int | None = None) -> DecodeEngine | None:
+    """The model's cached engine with at least ``needed_len`` positions and the given ``int8_activations`` and
+    ``head_slices`` (built or rebuilt when needed), or None if the engine cannot serve this model (``supported``) or
+    is busy with another generation. A model these options do not fit raises MoBiQuantError."""
     if supported(model) is not None:
         return None
     with _ENGINES_LOCK:
         eng = model.__dict__.get("_mobiquant_engine")
         fp = _fingerprint(model)
         if eng is not None and (eng.max_seq_len < needed_len or eng._fingerprint != fp
-                                or eng.int8_activations != bool(int8_activations)):
+                                or eng.int8_activations != bool(int8_activations)
+                                or eng.head_slices != head_slices):
             if eng.lock.locked():
                 return None
             eng = None
         if eng is None:
             limit = getattr(model.config, "max_position_embeddings", 4096)
             size = min(max(1024, 1024 * math.ceil(needed_len / 1024)), max(limit, needed_len))
-            eng = DecodeEngine(model, size, int8_activations=int8_activations)
+            eng = DecodeEngine(model, size, int8_activations=int8_activations, head_slices=head_slices)
             eng._fingerprint = fp
             model.__dict__["_mobiquant_engine"] = eng
         return eng

@@ -126,9 +126,11 @@ def _keeps_logits(model) -> bool:
 @torch.no_grad()
 def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: BudgetControl, max_new_tokens: int = 64,
                      *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
-                     max_prompt_tokens: int | None = None, int8_activations: bool = False) -> Iterator[TokenStep]:
-    """Yield one ``TokenStep`` per generated token (see the module docstring). ``int8_activations``: the decode
-    engine's option (engine.py; CUDA only, other numerics): the linears' inputs rounded to int8 per group of 128."""
+                     max_prompt_tokens: int | None = None, int8_activations: bool = False,
+                     head_slices: int | None = None) -> Iterator[TokenStep]:
+    """Yield one ``TokenStep`` per generated token (see the module docstring). The decode engine's options (engine.py;
+    CUDA only, other numerics): ``int8_activations``, the linears' inputs rounded to int8 per group of 128;
+    ``head_slices``, lm_head sliced like the linears and run at that many slices."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise MoBiQuantError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (temperature >= 0 and 0 < top_p <= 1):
@@ -140,23 +142,25 @@ def elastic_generate(model, tokenizer, prompt: str | torch.Tensor, control: Budg
     if ids.shape[1] > limit:
         raise MoBiQuantError(f"the prompt has {ids.shape[1]} tokens; at most {limit} fit with {max_new_tokens} new")
     device = next(model.parameters()).device
-    if int8_activations and device.type != "cuda":
-        raise MoBiQuantError("int8_activations is an option of the CUDA decode engine; this model is on "
-                             f"{device.type}")
+    options = [n for n, on in (("int8_activations", int8_activations), ("head_slices", head_slices is not None)) if on]
+    if options and device.type != "cuda":
+        raise MoBiQuantError(f"{' and '.join(options)} {'is an option' if len(options) == 1 else 'are options'} "
+                             f"of the CUDA decode engine; this model is on {device.type}")
     gen = torch.Generator().manual_seed(seed)
     eos = set(filter(lambda t: t is not None, [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]))
     if device.type == "cuda":  # the decode engine (static cache, CUDA graph); None: unsupported model or busy
         from .engine import engine_for, engine_steps
 
-        eng = engine_for(model, ids.shape[1] + max_new_tokens, int8_activations=int8_activations)
+        eng = engine_for(model, ids.shape[1] + max_new_tokens, int8_activations=int8_activations,
+                         head_slices=head_slices)
         steps = eng and engine_steps(eng, tokenizer, ids, control, precisions, max_new_tokens, temperature, top_p,
                                      seed, eos)
         if steps is not None:
             yield from steps
             return
-        if int8_activations:  # the torch path below has no int8 activations: say so rather than run without
-            raise MoBiQuantError("int8_activations needs the decode engine, which cannot serve this generation "
-                                 "now (an unsupported model, or another generation holds it)")
+        if options:  # the torch path below has neither option: say so rather than run without
+            raise MoBiQuantError(f"{' and '.join(options)} need the decode engine, which cannot serve this "
+                                 "generation now (an unsupported model, or another generation holds it)")
     cache, inp, generated, text_so_far = None, ids.to(device), [], ""
     stream: dict = {}  # the adaptive threshold mode's score history for this generation
     last_only = {"logits_to_keep": 1} if _keeps_logits(model) else {}  # the prompt's head: its last position only

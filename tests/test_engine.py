@@ -288,9 +288,9 @@ def test_elastic_generate_int8_activations_need_cuda(tiny_llama, routed_model):
     from mobiquant import MoBiQuantError
 
     model = routed_model(tiny_llama)  # on the CPU
-    with pytest.raises(MoBiQuantError, match="CUDA decode engine"):
-        next(elastic_generate(model, WordTokenizer(), "w5 w6", BudgetControl(4.0), max_new_tokens=2,
-                              int8_activations=True))
+    for kw in (dict(int8_activations=True), dict(head_slices=3)):
+        with pytest.raises(MoBiQuantError, match=f"{next(iter(kw))} is an option of the CUDA decode engine"):
+            next(elastic_generate(model, WordTokenizer(), "w5 w6", BudgetControl(4.0), max_new_tokens=2, **kw))
 
 
 @pytest.mark.parametrize("n", [128256, 1000, 257, 96, 5])
@@ -433,11 +433,12 @@ def test_gpu_elastic_generate_uses_the_engine(tiny_llama, routed_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_elastic_generate_int8_activations(routed_model):
-    """elastic_generate(int8_activations=True) builds the engine with the option, and a call without it rebuilds
-    the engine without; the steps carry the budget's counts either way."""
+    """elastic_generate(int8_activations=True, head_slices=...) builds the engine with the options, and a call
+    without them rebuilds the engine without; the steps carry the budget's counts either way."""
     model = routed_model(_wide_llama(), group_size=128).to("cuda", torch.float16)
-    for int8 in (True, False):
+    for int8, head in ((True, None), (False, 3), (True, 4), (False, None)):
         steps = list(elastic_generate(model, WordTokenizer(), "w5 w6", BudgetControl(2.0), max_new_tokens=4,
-                                      int8_activations=int8))
-        assert model.__dict__["_mobiquant_engine"].int8_activations is int8
+                                      int8_activations=int8, head_slices=head))
+        eng = model.__dict__["_mobiquant_engine"]
+        assert eng.int8_activations is int8 and eng.head_slices == head
         assert len(steps) == 4 and all(s.bits == 2.0 for s in steps)
