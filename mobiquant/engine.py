@@ -48,6 +48,11 @@ through its own forward, so that every shape is static and nothing leaves the de
   path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.5 % at 4, 6 and 8
   bits with every linear's input rounded so (benchmarks/results/int8_act_ppl_cpu.json). Groups that are not routed
   keep fp16 inputs.
+* ``head_slices`` (off by default; it changes the numerics): lm_head sliced like the linears at construction (the
+  model's slices, no router) and run at that many slices; 0.37 -> 0.16 ms a step at 3 slices for LLaMA-3-8B's head
+  on an H100, +0.8-2.1 % WikiText-2 perplexity at 6 bits and +0.1-0.3 % at 8 on the embedded model
+  (benchmarks/experiments/head_ppl.py; KERNEL_NOTES.md, "Sixteenth session"). The fused step ends with
+  ``greedy_step``: the fp32 logits, the greedy token and the next position in one launch.
 * **Modes**: ``set_budget`` (routers), ``set_k`` (uniform) and ``set_counts`` (counts given per linear, e.g. the
   random baseline drawn on the host exactly as the torch path draws them) only write device tensors.
 
