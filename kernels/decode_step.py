@@ -392,7 +392,8 @@ def _greedy_step_kernel(l_ptr, out_ptr, tok_ptr, pos_ptr, wv_ptr, wi_ptr, cnt_pt
                         BLOCK: tl.constexpr, NPP: tl.constexpr, PDL: tl.constexpr):
     """Program p: logits [p BLOCK, (p + 1) BLOCK) to fp32, and their first maximum (value, index) stored at wv[p],
     wi[p]; the last program to arrive (a self-resetting counter, as the split-K kernels') reduces the NP partials
-    in index order, stores the token and advances the position. NaN ranks above every number (torch's max)."""
+    in index order, stores the token and advances the position. NaN ranks as +inf (torch's argmax: above every
+    number)."""
     _pdl_enter(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -426,8 +427,8 @@ def greedy_workspace(V: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.
 def greedy_step(logits: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor,
                 ws: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """The decode step's tail in one launch: out (V,) fp32 = logits (V,); tok (1,) int64 = the index of the first
-    maximum (NaN first, as torch's argmax); pos (1,) int64 += 1. ws: ``greedy_workspace(V)``, its counter at 0
-    (the kernel leaves it so)."""
+    maximum (a NaN ranks as +inf: above every number, as in torch's argmax); pos (1,) int64 += 1.
+    ws: ``greedy_workspace(V)``, its counter at 0 (the kernel leaves it so)."""
     V = logits.numel()
     wv, wi, cnt = ws
     P = triton.cdiv(V, GREEDY_BLOCK)

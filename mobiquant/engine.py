@@ -259,7 +259,7 @@ class DecodeEngine:
         bits = self.quant[0].slice_bits if self.quant else MoBiQuantConfig().slice_bits
         group = same_k[0].group_size if same_k else None
         config = MoBiQuantConfig(slice_bits=bits, group_size=group)
-        if not 1 <= head_slices <= len(bits):
+        if isinstance(head_slices, bool) or not isinstance(head_slices, int) or not 1 <= head_slices <= len(bits):
             raise MoBiQuantError(f"head_slices={head_slices}: the slices {bits} give 1..{len(bits)}")
         q = MoBiQuantLinear.from_linear(head, config)  # sliced on lm_head's device
         if self.use_kernels and not q.kernel_compatible:

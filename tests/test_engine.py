@@ -267,7 +267,7 @@ def test_quantized_head(tiny_llama, routed_model):
         torch.testing.assert_close(lk, ld, atol=5e-3 * ld.abs().max().item(), rtol=0)
         assert not torch.equal(ld, lf)  # the head is quantized: not the full-precision logits
         assert ((ld - lf).norm() / lf.norm()).item() < 0.1  # 6 bits: close to them
-    for bad in (0, 5):
+    for bad in (0, 5, 2.5, True):
         with pytest.raises(MoBiQuantError, match="head_slices"):
             DecodeEngine(model, 16, use_kernels=False, capture=False, head_slices=bad)
 
