@@ -17,12 +17,8 @@ Prints a table and writes benchmarks/results/head_ppl_cpu.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
+import importlib.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +28,12 @@ import torch
 from torch import nn
 
 import mobiquant
-from mobiquant.evaluate import EvalSetup, make_windows, read_text, run_methods, tokenize_text
+from mobiquant.evaluate import run_methods
 from mobiquant.nn.linear import MoBiQuantLinear
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-raw-test.txt"
+spec = importlib.util.spec_from_file_location("cpu_ppl", Path(__file__).with_name("_cpu_ppl.py"))
+CP = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(CP)
 
 
 @contextlib.contextmanager
@@ -58,24 +55,14 @@ def sliced_head(model: nn.Module, k: int | None, config: mobiquant.MoBiQuantConf
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--text", default=str(DEFAULT_TEXT))
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--slice-bits", default="2,2,2,2")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "head_ppl_cpu.json"))
-    args = p.parse_args()
+    args = CP.parser(__doc__, "head_ppl_cpu.json").parse_args()
     t_start = time.perf_counter()
     config = mobiquant.MoBiQuantConfig(slice_bits=tuple(int(b) for b in args.slice_bits.split(",")))
-    model, tok = mobiquant.load_model(args.model)
-    windows = make_windows(tokenize_text(tok, read_text(args.text)), args.seqlen, args.windows)  # (n, seqlen)
-    setup = EvalSetup(windows, config, load_fp=lambda: model, progress=False)
+    model, setup = CP.setup(args, config)
     K = model.lm_head.in_features
     head_config = mobiquant.MoBiQuantConfig(slice_bits=config.slice_bits, group_size=config.group_size_for(K))
     heads = [None] + list(range(2, len(config.slice_bits) + 1))  # None: the model's own head
     bits = [float(b) for b in config.precisions[1:]]  # 2 bits (one slice, round-to-nearest) is unusable anyway
-    dtype = next(model.parameters()).dtype
 
     rows = []
     for method in ("fp", "slices"):
@@ -94,23 +81,9 @@ def main() -> None:
     for c in [c for c in table.columns if c not in ("method", "bits", "full")]:
         table[f"ratio_{c}"] = table[c] / table["full"]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    result = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} cores",
-            "model": args.model, "dtype": str(dtype).removeprefix("torch."), "text": Path(args.text).name,
-            "windows": int(windows.shape[0]), "seqlen": args.seqlen, "tokens": windows.numel(),
-            "slice_bits": list(config.slice_bits), "head_shape": list(model.lm_head.weight.shape),
-            "head_group_size": head_config.group_size,
-            "head": "MoBiQuantLinear.from_linear(lm_head) (round-to-nearest slices, no calibration), first k slices",
-            "seconds": time.perf_counter() - t_start,
-        },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    CP.write(args, model, setup, t_start, rows, head_shape=list(model.lm_head.weight.shape),
+             head_group_size=head_config.group_size,
+             head="MoBiQuantLinear.from_linear(lm_head) (round-to-nearest slices, no calibration), first k slices")
 
 
 if __name__ == "__main__":

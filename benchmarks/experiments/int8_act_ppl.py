@@ -18,12 +18,8 @@ table and writes benchmarks/results/int8_act_ppl_cpu.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
+import importlib.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,10 +30,11 @@ from torch import nn
 
 import mobiquant
 from mobiquant.api import quantized_linears, target_linears
-from mobiquant.evaluate import EvalSetup, make_windows, read_text, run_methods, tokenize_text
+from mobiquant.evaluate import run_methods
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext2-raw-test.txt"
+spec = importlib.util.spec_from_file_location("cpu_ppl", Path(__file__).with_name("_cpu_ppl.py"))
+CP = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(CP)
 QMAX = 127  # kernels/act_int8.py
 TINY = 1e-30
 
@@ -67,21 +64,13 @@ def int8_inputs(linears: dict[str, nn.Module], config: mobiquant.MoBiQuantConfig
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--text", default=str(DEFAULT_TEXT))
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=1024)
+    p = CP.parser(__doc__, "int8_act_ppl_cpu.json")
     p.add_argument("--group-size", type=int, default=None, help="default: the library's (per layer)")
-    p.add_argument("--slice-bits", default="2,2,2,2")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_act_ppl_cpu.json"))
     args = p.parse_args()
     t_start = time.perf_counter()
     config = mobiquant.MoBiQuantConfig(slice_bits=tuple(int(b) for b in args.slice_bits.split(",")),
                                        group_size=args.group_size)
-    model, tok = mobiquant.load_model(args.model)
-    windows = make_windows(tokenize_text(tok, read_text(args.text)), args.seqlen, args.windows)  # (n, seqlen)
-    setup = EvalSetup(windows, config, load_fp=lambda: model, progress=False)
+    model, setup = CP.setup(args, config)
     fp_linears = target_linears(model, config)
     groups = {lin.in_features: config.group_size_for(lin.in_features) for lin in fp_linears.values()}
     gs = sorted(set(groups.values()))
@@ -106,23 +95,10 @@ def main() -> None:
     table = df.pivot(index=["method", "bits"], columns="act", values="ppl")[[act_fp, act_q]].reset_index()
     table["ratio"] = table[act_q] / table[act_fp]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    result = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "machine": f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} cores",
-            "model": args.model, "dtype": str(dtype).removeprefix("torch."), "text": Path(args.text).name,
-            "windows": int(windows.shape[0]), "seqlen": args.seqlen, "tokens": windows.numel(),
-            "slice_bits": list(config.slice_bits), "group_size_arg": args.group_size,
-            "group_size": {str(k): g for k, g in sorted(groups.items())},  # in_features -> g (weights and x)
-            "act_int8": "per token, group of g: q = clamp(floor(x 127 / max|x| + 1/2), ±127), x_hat = q max|x| / 127",
-            "linears": len(fp_linears), "seconds": time.perf_counter() - t_start,
-        },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    CP.write(args, model, setup, t_start, rows, group_size_arg=args.group_size,
+             group_size={str(k): g for k, g in sorted(groups.items())},  # in_features -> g (weights and x)
+             act_int8="per token, group of g: q = clamp(floor(x 127 / max|x| + 1/2), ±127), x_hat = q max|x| / 127",
+             linears=len(fp_linears))
 
 
 if __name__ == "__main__":
