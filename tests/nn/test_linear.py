@@ -20,6 +20,26 @@ def test_weight_k_is_the_slice_reconstruction(slice_bits):
         assert torch.equal(q.codes(k), codes[k - 1])
 
 
+@pytest.mark.parametrize("slice_bits", [(2, 2, 2, 2), (3, 1, 1, 1, 1, 1)])
+def test_set_weight_in_passes_of_rows_gives_the_same_codes(slice_bits):
+    """set_weight_ slices ``rows`` output rows at a time (memory): planes, scales and zero points equal one pass's,
+    with clipping factors too, for pass sizes that do and do not divide N."""
+    lin, one = make(slice_bits, N=40)
+    W = lin.weight.detach()
+    g = torch.Generator().manual_seed(3)
+    clip = (torch.rand(40, 4, generator=g) * 0.3 + 0.7, torch.rand(40, 4, generator=g) * 0.3 + 0.7)
+    scales = []
+    for clips in ((None, None), clip):
+        one.set_weight_(W, *clips, rows=40)
+        scales.append(one.scale.clone())
+        for rows in (1, 7, 16):
+            q = MoBiQuantLinear(128, 40, slice_bits, 32)
+            q.set_weight_(W, *clips, rows=rows)
+            assert all(torch.equal(q.plane(e), one.plane(e)) for e in range(1, len(slice_bits) + 1))
+            assert torch.equal(q.scale, one.scale) and torch.equal(q.zero, one.zero)
+    assert not torch.equal(*scales)  # the clipping factors were applied, row by row
+
+
 @pytest.mark.parametrize("dense_cache", [True, False])
 def test_uniform_k_forward(dense_cache):
     lin, q = make()
