@@ -278,7 +278,7 @@ def test_int8_activations_need_the_fused_router_and_groups_of_128(tiny_llama, ro
         DecodeEngine(narrow, 16, use_kernels=True, capture=False, int8_activations=True)
 
 
-def test_elastic_generate_int8_activations_need_cuda(tiny_llama, routed_model):
+def test_elastic_generate_engine_options_need_cuda(tiny_llama, routed_model):
     from mobiquant import MoBiQuantError
 
     model = routed_model(tiny_llama)  # on the CPU
@@ -426,7 +426,7 @@ def test_gpu_elastic_generate_uses_the_engine(tiny_llama, routed_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_elastic_generate_int8_activations(routed_model):
+def test_gpu_elastic_generate_engine_options(routed_model):
     """elastic_generate(int8_activations=True, head_slices=...) builds the engine with the options, and a call
     without them rebuilds the engine without; the steps carry the budget's counts either way."""
     model = routed_model(_wide_llama(), group_size=128).to("cuda", torch.float16)
