@@ -158,6 +158,28 @@ def engine_tps(eng: DecodeEngine, prompt: torch.Tensor, n: int, reps: int, setup
     return row
 
 
+def first_step_check(ref: DecodeEngine, eng: DecodeEngine, prompt: torch.Tensor, setup, tok: int | None = None
+                     ) -> dict:
+    """Both engines prefilled after ``setup``, then one decode step each (input ``tok``, or each one's greedy token
+    after the prompt): the fraction of counts equal, ``eng``'s logits' relative difference from ``ref``'s, and
+    whether the argmax is the same."""
+    for e in (ref, eng):
+        setup(e)
+        e.prefill(prompt)
+    (lr, cr), (le, ce) = ref.decode(tok), eng.decode(tok)
+    return dict(counts_equal_fraction=(cr == ce).float().mean().item(),
+                logits_rel_diff=((le - lr).norm() / lr.norm()).item(),
+                argmax_equal=int(le.argmax()) == int(lr.argmax()))
+
+
+def budget_rows(eng: DecodeEngine, name: str, prompt: torch.Tensor, args, rows: dict) -> None:
+    """rows[f"{name}_budget_{b}"]: tok/s and realised bits of ``eng`` at every budget."""
+    for b in BUDGETS:
+        r = rows[f"{name}_budget_{b:g}"] = engine_tps(eng, prompt, args.tokens, args.reps,
+                                                      lambda b=b: eng.set_budget(b))
+        log(f"{name} budget {b:g}", r["tok_s"], r["bits"])
+
+
 def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: int, args, rows: dict, res: dict
                      ) -> DecodeEngine:
     """A second engine with ``int8_activations``: tok/s at every budget, and its first decode step against the
@@ -167,20 +189,10 @@ def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: in
     t0 = time.perf_counter()
     eng8 = DecodeEngine(model, max_len, int8_activations=True)
     rows["engine_int8_act_build_s"] = time.perf_counter() - t0
-    res["check_int8_act"] = {}
-    for name, setup in (("k2", lambda e: e.set_k(2)), ("budget_4", lambda e: e.set_budget(4.0))):
-        for e in (eng, eng8):
-            setup(e)
-            e.prefill(prompt)
-        (l16, c16), (l8, c8) = eng.decode(), eng8.decode()
-        res["check_int8_act"][name] = dict(
-            counts_equal_fraction=(c16 == c8).float().mean().item(),
-            logits_rel_diff=((l8 - l16).norm() / l16.norm()).item(), argmax_equal=int(l8.argmax()) == int(l16.argmax()))
+    setups = (("k2", lambda e: e.set_k(2)), ("budget_4", lambda e: e.set_budget(4.0)))
+    res["check_int8_act"] = {name: first_step_check(eng, eng8, prompt, setup) for name, setup in setups}
     log("int8 activations vs fp16, first decode step:", res["check_int8_act"])
-    for b in BUDGETS:
-        r = rows[f"engine_int8_act_budget_{b:g}"] = engine_tps(eng8, prompt, args.tokens, args.reps,
-                                                               lambda b=b: eng8.set_budget(b))
-        log(f"engine int8 activations budget {b:g}", r["tok_s"], r["bits"])
+    budget_rows(eng8, "engine_int8_act", prompt, args, rows)
     return eng8
 
 
@@ -193,19 +205,10 @@ def head_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: in
     engh = DecodeEngine(model, max_len, int8_activations=int8, head_slices=head)
     name = f"engine{'_int8_act' if int8 else ''}_head{head}"
     rows[f"{name}_build_s"] = time.perf_counter() - t0
-    for e in (eng, engh):
-        e.set_budget(4.0)
-        e.prefill(prompt)
-    tok = int(prompt[-1])  # the same input token (the heads' greedy tokens after the prompt may differ)
-    (lf, cf), (lh, ch) = eng.decode(tok), engh.decode(tok)
-    res[f"check_{name}"] = dict(counts_equal_fraction=(cf == ch).float().mean().item(),
-                                logits_rel_diff=((lh - lf).norm() / lf.norm()).item(),
-                                argmax_equal=int(lh.argmax()) == int(lf.argmax()))
+    # the same input token after the prompt (the heads' greedy tokens there may differ)
+    res[f"check_{name}"] = first_step_check(eng, engh, prompt, lambda e: e.set_budget(4.0), int(prompt[-1]))
     log(f"{name} vs the full-precision head, first decode step at budget 4:", res[f"check_{name}"])
-    for b in BUDGETS:
-        r = rows[f"{name}_budget_{b:g}"] = engine_tps(engh, prompt, args.tokens, args.reps,
-                                                      lambda b=b: engh.set_budget(b))
-        log(f"{name} budget {b:g}", r["tok_s"], r["bits"])
+    budget_rows(engh, name, prompt, args, rows)
 
 
 def hf_generate_tps(model, prompt: torch.Tensor, n: int, reps: int) -> dict:
@@ -614,10 +617,7 @@ def main():
         rows["engine_build_s"] = time.perf_counter() - t0
         log(f"quantized in {rows['quantize_s']:.1f} s, thresholds {rows['thresholds_s']:.1f} s, "
             f"engine built + captured in {rows['engine_build_s']:.1f} s")
-        for b in BUDGETS:
-            r = rows[f"engine_budget_{b:g}"] = engine_tps(eng, prompt, args.tokens, args.reps,
-                                                          lambda b=b: eng.set_budget(b))
-            log(f"engine budget {b:g}", r["tok_s"], r["bits"])
+        budget_rows(eng, "engine", prompt, args, rows)
         for k in (1, 2, 3, 4):
             rows[f"engine_k{k}"] = engine_tps(eng, prompt, args.tokens, args.reps, lambda k=k: eng.set_k(k))
             log(f"engine k={k}", rows[f"engine_k{k}"]["tok_s"])
