@@ -14,6 +14,8 @@ launches per block (2 where the router launches compute the norms and SiLU·up: 
     decode_attention(q, k_cache, v_cache, pos, window, scaling)
                                  one query per head against cache slots j <= pos (and j > pos - window), GQA
                                  (head h reads kv head h // (H / KV))                          (H, Dh) -> (H*Dh,)
+                                 (router.route_attention: the same launch, o_proj's router partials and int8
+                                 codes in its epilogue)
     silu_mul(g, u)               silu(g) * u                                                    (N,) -> (N,)
     greedy_step(logits, out, tok, pos, ws)
                                  the step's tail: out = logits in fp32, tok = the first argmax, pos += 1     (V,)
@@ -45,6 +47,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .act_int8 import quantize_groups, xdest
 
 PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
 # the norm weights, the rotary's cos / sin rows and the attention's first block of keys and values loaded before
@@ -175,6 +179,24 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
     return h_out, x_out
 
 
+# ------------------------------------------------------------------------------------------ a router's fc1 partial
+@triton.jit
+def fc1_tile(s_ptr, w1_ptr, r, K, H: tl.constexpr, offs_h, offs_k, k_mask):
+    """Router r's input scales (BK,) and fc1 columns (HP, BK) fp32 at the in-features offs_k: constants of the model,
+    loaded before griddepcontrol.wait. s (R, K), w1 (R, H, K) (router.py); padded hidden units and in-features 0."""
+    s_t = tl.load(s_ptr + r * K + offs_k, mask=k_mask, other=1.0).to(tl.float32)
+    w_t = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
+                  mask=(offs_h < H)[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    return s_t, w_t
+
+
+@triton.jit
+def fc1_partial(w_t, xv, s_t):
+    """(HP,) fp32: fc1 over one chunk of in-features, sum_k w1[:, k] x_k / s_k. The router kernel (router.py) and
+    the attention's epilogue (below) both call it on tiles from ``fc1_tile``: the same sums, in the same order."""
+    return tl.sum(w_t * (xv.to(tl.float32) / s_t)[None, :], axis=1)
+
+
 # ------------------------------------------------------------------------------------------ rotary + cache write
 # a * c + b * s with each product and the sum rounded to fp16, in PTX (fp32 in and out)
 ASM_ROPE_F16 = tl.constexpr(
@@ -280,15 +302,22 @@ def _attn_max_sum(m, l, sc):
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, scaling, G: tl.constexpr,
+def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, scaling,
+                             rs_ptr, rw1_ptr, rgiven_ptr, rws_ptr, xq_ptr, xs_ptr, dest_ptr, G: tl.constexpr,
                              DH: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr, PRE: tl.constexpr,
-                             PDL: tl.constexpr):
+                             PDL: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, RHP: tl.constexpr,
+                             QUANT: tl.constexpr):
     """Program h: query head h against kv head h // G, two passes over the valid slots (max and sum, then the
     probabilities rounded to the activation dtype as torch's softmax(...).to(dtype), times V).
     PRE: the first block's keys and values at the slots before pos are loaded before griddepcontrol.wait. Those
     slots were written by earlier steps; the kernels this one may overlap (the rotary before it writes slot pos) do
     not write them. Slot pos, q and every store come after the wait. The first block's scores and values stay in
-    registers for the second pass, so its keys are read once."""
+    registers for the second pass, so its keys are read once.
+    Epilogue for o_proj's router (router.route_attention), the output of head h being o_proj's in-features
+    [h DH, (h + 1) DH): ROUTE stores the router's fc1 partial over them (decode_step.fc1_partial, as the router
+    launch would with chunks of DH) at rws (SPLIT = heads, RHP), unless its count is given; QUANT (DH = 128, one
+    group) stores their int8 codes and (sx, SX) at xq, xs (act_int8.quantize_groups). The router's tiles and given
+    flag are constants, loaded before the wait."""
     h = tl.program_id(0)
     kv = h // G
     offs_d = tl.arange(0, DP)
@@ -304,6 +333,10 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
     early = (offs_s >= lo) & (offs_s < pos)
     k0 = tl.load(kbase + tile, mask=early[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_S, DP)
     v0 = tl.load(vbase + tile, mask=early[:, None] & d_mask[None, :], other=0.0)
+    if ROUTE:  # o_proj's router: its input scales and fc1 columns for this head's features, and its given flag
+        r_s, r_w = fc1_tile(rs_ptr, rw1_ptr, 0, tl.num_programs(0) * DH, RH, tl.arange(0, RHP), h * DH + offs_d,
+                            d_mask)
+        r_given = tl.load(rgiven_ptr)
     _pdl_wait_early(PRE, PDL)
     q = tl.load(q_ptr + h * DH + offs_d, mask=d_mask, other=0.0)
     dt = q.dtype
@@ -333,21 +366,37 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
         p = (tl.exp(_attn_scores(kt, qf, valid, scaling, dt) - m_all) / l_all).to(dt).to(tl.float32)
         vt = tl.load(vbase + offs_s[:, None] * DH + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
         acc += tl.sum(p[:, None] * vt, axis=0)
-    tl.store(o_ptr + h * DH + offs_d, acc.to(dt), mask=d_mask)
+    o = acc.to(dt)
+    tl.store(o_ptr + h * DH + offs_d, o, mask=d_mask)
+    if QUANT:
+        quantize_groups(o, xq_ptr, xs_ptr, h * DH, dest_ptr, 1, DH)
+    if ROUTE:
+        if r_given == 0:
+            tl.store(rws_ptr + h * RHP + tl.arange(0, RHP), fc1_partial(r_w, o, r_s))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     window: int, scaling: float) -> torch.Tensor:
-    """o (H*Dh,) of one token: q (H, Dh) against the cache slots pos - window < j <= pos (window 0: all j <= pos)."""
+                     window: int, scaling: float, router: tuple | None = None) -> torch.Tensor:
+    """o (H*Dh,) of one token: q (H, Dh) against the cache slots pos - window < j <= pos (window 0: all j <= pos).
+    router: the epilogue of o_proj's router, (s (1, K), w1 (1, RH, K), given (1,) int8, ws fp32 (its first H RHP
+    elements: (H, RHP)), RHP, xq int8 or None, xs or None), checked by router.route_attention, which builds it."""
     KV, S, DH = k_cache.shape
     H = q.numel() // DH
     if q.numel() != H * DH or H % KV or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)} do not fit")
     o = torch.empty(H * DH, dtype=q.dtype, device=q.device)
     DP = triton.next_power_of_2(DH)
-    _decode_attention_kernel[(H,)](q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), G=H // KV,
-                                   DH=DH, DP=DP, BLOCK_S=max(16, min(ATTN_SLOTS, ATTN_SLOTS * 128 // DP)),
-                                   PRE=EARLY_LOADS, num_warps=ATTN_WARPS, **_pdl_opts(q))
+    s = w1 = given = ws = xq = xs = o  # unused pointers without the epilogue
+    RH = RHP = 1
+    if router is not None:
+        s, w1, given, ws, RHP, xq, xs = router
+        RH = w1.shape[1]
+    quant = router is not None and xq is not None
+    _decode_attention_kernel[(H,)](q, k_cache, v_cache, pos, o, S, int(window or 0), float(scaling), s, w1, given,
+                                   ws, xq if quant else o, xs if quant else o, xdest(q.device) if quant else o,
+                                   G=H // KV, DH=DH, DP=DP, BLOCK_S=max(16, min(ATTN_SLOTS, ATTN_SLOTS * 128 // DP)),
+                                   PRE=EARLY_LOADS, ROUTE=router is not None, RH=RH, RHP=RHP, QUANT=quant,
+                                   num_warps=ATTN_WARPS, **_pdl_opts(q))
     return o
 
 

@@ -66,6 +66,9 @@ from .decode_step import (
     _pdl_launch,
     add_rms_norm_tile,
     add_rms_rstd,
+    decode_attention,
+    fc1_partial,
+    fc1_tile,
     silu_mul_tile,
 )
 from .sliced_gemv import _scratch
@@ -144,15 +147,12 @@ def _route_counts_kernel(
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
     offs_h = tl.arange(0, HP)
-    h_mask = offs_h < H
     k_lo = c * CHUNK
     k_hi = tl.minimum(k_lo + CHUNK, K)
     if ONE_TILE:  # CHUNK <= BLOCK_K: the program's whole fc1 tile and scales, constants, loaded before the wait
         offs_k1 = k_lo + tl.arange(0, BLOCK_K)
         k_mask1 = offs_k1 < k_hi
-        s_t = tl.load(s_ptr + r * K + offs_k1, mask=k_mask1, other=1.0).to(tl.float32)
-        w_t = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k1[None, :],
-                      mask=h_mask[:, None] & k_mask1[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
+        s_t, w_t = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k1, k_mask1)  # (BLOCK_K,), (HP, BLOCK_K)
         if PRO == 1:  # the norm's weights
             nw_t = tl.load(nw_ptr + offs_k1, mask=k_mask1, other=0.0)
     # whether the count is given: written by the host's copies (set_budget, set_k) before the graph runs, never by a
@@ -184,16 +184,13 @@ def _route_counts_kernel(
     else:
         acc = tl.zeros((HP,), tl.float32)
         if ONE_TILE:
-            acc += tl.sum(w_t * (xv.to(tl.float32) / s_t)[None, :], axis=1)
+            acc += fc1_partial(w_t, xv, s_t)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_hi
-                xv = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                sv = tl.load(s_ptr + r * K + offs_k, mask=k_mask, other=1.0).to(tl.float32)
-                w = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
-                            mask=h_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (HP, BLOCK_K)
-                acc += tl.sum(w * (xv / sv)[None, :], axis=1)
+                sv, w = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k, k_mask)
+                acc += fc1_partial(w, tl.load(x_ptr + offs_k, mask=k_mask, other=0.0), sv)
         ws = ws_ptr + r * (SPLIT * HP)  # router r's partials, (SPLIT, HP): row c is program c's
         tl.store(ws + c * HP + offs_h, acc)
         if FINISH:  # else partials only: the linear after this launch (v7, ROUTE) finishes the count itself
@@ -368,4 +365,37 @@ def route_partials(x: torch.Tensor | None, s: torch.Tensor, w1: torch.Tensor, b1
                      x=x if pro is None else pro.x_out, h=None if pro is None else pro.h_out)
 
 
-__all__ = ["route_counts", "route_partials", "RoutePlan", "CHUNK_K"]
+def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, window: int,
+                    scaling: float, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
+                    given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None,
+                    x_int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> RoutePlan:
+    """``decode_step.decode_attention`` with o_proj's router launch folded into its epilogue: program h, which
+    computes head h's output, o_proj's in-features [h Dh, (h + 1) Dh), also stores the router's fc1 partial over them
+    (and with ``x_int8`` their int8 codes: Dh = 128, one group). The result is ``route_partials(o, ...,
+    chunk_k=Dh)``'s plan with o as ``plan.x``: the v7 launch after it finishes the count (``sliced_gemv_cc(...,
+    route=plan)``). Both kernels run decode_step.fc1_partial on decode_step.fc1_tile's tiles in the same layout, so
+    the partials are the same sums; the compiler may still round a product apart from its sum in one of them (on the
+    H100 some partials differ in their last bit), so a score within ~1e-6 of τ may fall on either side, as between
+    this kernel and torch. One router (o_proj's); its hidden size at most 64; Dh a power of two from 16 to 256."""
+    KV, S, DH = k_cache.shape
+    R, H, K = w1.shape
+    if R != 1 or K != q.numel() or q.numel() % DH or DH & (DH - 1) or not 16 <= DH <= 256 or H > 64:
+        raise ValueError(f"route_attention: one router over the {q.numel()} attention outputs, heads of a power of "
+                         f"two from 16 to 256 features, hidden size at most 64; got w1 {tuple(w1.shape)}, heads of "
+                         f"{DH}")
+    _shapes(None, s, w1, w2, tau, counts_in, DH, "route_attention")
+    if x_int8 is not None:
+        if DH != 128:
+            raise ValueError(f"route_attention: x_int8 needs heads of 128 features (one group each), got {DH}")
+        check_x_int8(x_int8, 1, K, 128, q.device)
+    split, HP = K // DH, max(triton.next_power_of_2(H), 2)
+    out = torch.empty(R, dtype=torch.int32, device=q.device) if out is None else out
+    ws, _ = _scratch(q.device, split * HP, R, store=_SCRATCH)  # the router launches' workspace, as route_partials
+    xq, xs = (x_int8[0].view(torch.int8), x_int8[1]) if x_int8 is not None else (None, None)
+    o = decode_attention(q, k_cache, v_cache, pos, window, scaling, router=(s, w1, _i8(given), ws, HP, xq, xs))
+    return RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out,
+                     dict(H=H, EM1=w2.shape[1], HP=HP, SPLIT=split), x=o)
+
+
+__all__ = ["route_counts", "route_partials", "route_attention", "RoutePlan", "CHUNK_K"]

@@ -42,7 +42,10 @@ through its own forward, so that every shape is static and nothing leaves the de
   kernels' results), so a routed block launches two glue kernels (rotary + cache write, attention) instead of five.
   ``fuse_rope`` (on with ``router_glue``): the q/k/v launch also rotates q and k and writes k and v into the cache
   (``sliced_gemv_cc(..., rope=)``, bit for bit rope_kv's results) where its tiles hold whole heads, so the
-  attention is the one glue kernel left (KERNEL_NOTES.md, "Fifteenth session").
+  attention is the one glue kernel left (KERNEL_NOTES.md, "Fifteenth session"). ``attention_router`` (on with
+  ``router_glue`` where heads are a power of two from 16 to 256 features, 128 with int8 activations): the
+  attention's programs also store o_proj's router partials over their head and its int8 codes
+  (``router.route_attention``), so o_proj's router is not launched (KERNEL_NOTES.md, "Seventeenth session").
   ``int8_activations`` (off by default; it changes the numerics): with the fused router, the router launch also
   rounds its input to int8 per group of 128 (kernels/act_int8.py) and the linear after it runs the int8 tensor-core
   path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.5 % at 4, 6 and 8
@@ -118,6 +121,7 @@ class _Group:
     def __init__(self, idx: list[int], mods: list[MoBiQuantLinear], device):
         self.idx = torch.tensor(idx, dtype=torch.long, device=device)  # global linear indices
         self.lo, self.hi = idx[0], idx[-1] + 1  # contiguous by construction
+        self.chunk = None  # in-features per router program at decode (None: the kernel's default)
         routers = [m.router for m in mods]
         self.routed = any(r is not None for r in routers)
         if not self.routed:
@@ -149,7 +153,8 @@ class DecodeEngine:
     def __init__(self, model: nn.Module, max_seq_len: int = 1024, *, use_kernels: bool | None = None,
                  capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
                  fuse_linears: bool | None = None, fuse_router: bool | None = None, router_glue: bool | None = None,
-                 int8_activations: bool = False, fuse_rope: bool | None = None, head_slices: int | None = None):
+                 int8_activations: bool = False, fuse_rope: bool | None = None, head_slices: int | None = None,
+                 attention_router: bool | None = None):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -194,6 +199,15 @@ class DecodeEngine:
         if self.int8_activations and not self.fuse_router:
             raise MoBiQuantError("int8_activations needs the fused router: the kernels on CUDA, fp16 weights, no "
                                  "compile")
+        # o_proj's router partials (and int8 codes) in the attention's epilogue (router.route_attention): where its
+        # heads are whole chunks of the router (a power of two from 16 to 256 features; 128 with int8 activations)
+        dh = self.head_dim
+        self._head_chunks = dh & (dh - 1) == 0 and 16 <= dh <= 256 and (dh == 128 or not self.int8_activations)
+        self.attention_router = self.router_glue and self._head_chunks if attention_router is None \
+            else bool(attention_router)
+        if self.attention_router and not (self.router_glue and self._head_chunks):
+            raise MoBiQuantError("attention_router needs router_glue and heads of a power of two from 16 to 256 "
+                                 "features (128 with int8 activations)")
         dev = dict(device=self.device)
         with torch.no_grad():
             self._build_linears()
@@ -307,6 +321,8 @@ class DecodeEngine:
                                 ("gu", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
                 q = [(entry[n][1], entry[n][0]) for n in leaves if entry[n][1] is not None]
                 g[key] = _Group([j for j, _ in q], [m for _, m in q], dev) if q else None
+            if g["o"] is not None and self._head_chunks:  # one head a program, with or without attention_router,
+                g["o"].chunk = self.head_dim  # so that engines that differ only in it sum alike
             self.groups.append(g)
         self.multi = []  # per block: {"qkv": (qweights, scales, zeros, bias, splits, group size), "gu": ...}
         for entry in self.blocks:
@@ -424,7 +440,7 @@ class DecodeEngine:
         tau, on, off = th[0][lo:hi], th[1], th[2]  # the budget's row of the device tables
         if T == 1 and given_counts is None and self.use_kernels:
             return torch.ops.mobiquant.route_counts(x[0], group.s, group.w1, group.b1, group.w2, group.b2, tau, on,
-                                                    off, given, cin)[None]
+                                                    off, given, cin, group.chunk or 0)[None]
         scores = ops.router_scores(x, group.s, group.w1, group.b1, group.w2, group.b2)
         return ops.counts_from_scores(scores, tau, on, off, given, cin)
 
@@ -445,7 +461,8 @@ class DecodeEngine:
         """Whether a group's counts are finished inside its linears' launch (fuse_router, routed, one launch)."""
         return self.fuse_router and self.fuse_linears and one_launch and group is not None and group.routed
 
-    def _route_linear(self, group: _Group, entry, x: torch.Tensor | None, th, norm=None, silu=None, rope=None):
+    def _route_linear(self, group: _Group, entry, x: torch.Tensor | None, th, norm=None, silu=None, rope=None,
+                      attn=None):
         """A routed group at one token, the router finished inside the linear: the router launch stores its fc1
         partials only (router.route_partials), and the v7 launch after it sums them, applies fc2 and the thresholds
         in each program (the router kernel's own code, so the counts are route_counts') and stores the counts.
@@ -453,9 +470,11 @@ class DecodeEngine:
         computes it, ``norm=(h, r, norm module)`` (add + RMSNorm) or ``silu=(g, u)`` (``router_glue``).
         ``rope=(cos, sin, pos, k_cache, v_cache)`` (q/k/v without bias): the launch ends with rope_kv's work and its
         one output is q rotated (H, Dh).
+        ``attn=(q, layer, pos)`` (o_proj, x None): the attention computes x and the router's partials in its epilogue
+        (router.route_attention, ``attention_router``), so the router is not launched.
         Returns (counts (1, R) int32, the R outputs (1, N_r), h + r (norm=) or None)."""
         from .kernels.layout import PackedSlices
-        from .kernels.router import route_partials
+        from .kernels.router import route_attention, route_partials
         from .kernels.sliced_gemv_cc import sliced_gemv_cc
 
         lo, hi = group.lo, group.hi
@@ -469,9 +488,15 @@ class DecodeEngine:
         if norm is not None:
             h, r, ln = norm
             norm = (h, r, ln.weight, ln.variance_epsilon)
-        plan = route_partials(None if x is None else x.reshape(-1), group.s, group.w1, group.b1, group.w2, group.b2,
-                              th[0][lo:hi], th[1], th[2], self.given[lo:hi], self.counts_in[lo:hi],
-                              out=self.counts_out[lo:hi], x_int8=x8, norm=norm, silu=silu)
+        rargs = (group.s, group.w1, group.b1, group.w2, group.b2, th[0][lo:hi], th[1], th[2], self.given[lo:hi],
+                 self.counts_in[lo:hi])
+        if attn is not None:
+            q, layer, pos = attn
+            plan = route_attention(q, self.k_cache[layer], self.v_cache[layer], pos, self.window or 0, self.scaling,
+                                   *rargs, out=self.counts_out[lo:hi], x_int8=x8)
+        else:
+            plan = route_partials(None if x is None else x.reshape(-1), *rargs, out=self.counts_out[lo:hi],
+                                  chunk_k=group.chunk, x_int8=x8, norm=norm, silu=silu)
         y = sliced_gemv_cc(plan.x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan,
                            x_int8=x8, rope=rope)
         if rope is not None:
@@ -558,13 +583,16 @@ class DecodeEngine:
             c, qkv, h = self._norm_group(grp["qkv"], mul.get("qkv"), blk, ("q_proj", "k_proj", "v_proj"), h,
                                          pending, layer.input_layernorm, th, rope)
             q = qkv[0] if rope is not None else mq.rope_kv(*qkv, *cache)  # (H, D)
-            o = mq.decode_attention(q, self.k_cache[l], self.v_cache[l], positions, self.window or 0,
-                                    self.scaling)[None]  # (1, H*D)
-            if self._fused_route(grp["o"], True):
-                co, (y,), _ = self._route_linear(grp["o"], blk["o_proj"], o, th)
+            if self.attention_router and self._fused_route(grp["o"], True):  # no launch of o_proj's router
+                co, (y,), _ = self._route_linear(grp["o"], blk["o_proj"], None, th, attn=(q, l, positions))
             else:
-                co = self._route(grp["o"], o, th, None)
-                y = self._linear(*blk["o_proj"], o, co, grp["o"])
+                o = mq.decode_attention(q, self.k_cache[l], self.v_cache[l], positions, self.window or 0,
+                                        self.scaling)[None]  # (1, H*D)
+                if self._fused_route(grp["o"], True):
+                    co, (y,), _ = self._route_linear(grp["o"], blk["o_proj"], o, th)
+                else:
+                    co = self._route(grp["o"], o, th, None)
+                    y = self._linear(*blk["o_proj"], o, co, grp["o"])
             cg, (g, u), h = self._norm_group(grp["gu"], mul.get("gu"), blk, ("gate_proj", "up_proj"), h, y,
                                              layer.post_attention_layernorm, th)
             cd, pending = self._silu_down(grp["down"], blk, g, u, th)

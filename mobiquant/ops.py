@@ -135,23 +135,25 @@ def sliced_linear_multi_ref(x: torch.Tensor, packs, k: torch.Tensor, bias: torch
 @torch.library.custom_op("mobiquant::route_counts", mutates_args=())
 def route_counts(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                  b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
-                 given: torch.Tensor, counts_in: torch.Tensor) -> torch.Tensor:
+                 given: torch.Tensor, counts_in: torch.Tensor, chunk_k: int = 0) -> torch.Tensor:
     """Slice counts (R,) int32 of one token for R routers sharing the input x (K,).
 
     s (R, K) the routers' input scales, w1 (R, H, K) fc1 weights, b1 (R, H), w2 (R, E-1, H), b2 (R, E-1) (any float
     dtype; the arithmetic is fp32, as in MoBiRoute.forward),
     tau (R,) fp32 thresholds, force_on / force_off (E-1,) bool (the band allocation: residual slices always on / off),
     given (R,) bool and counts_in (R,) int32: where given, the count is counts_in (uniform and random modes).
+    chunk_k: in-features per program of the kernel (0: its default; the engine gives o_proj's router one head), so
+    that the fc1 sums, and a score next to τ, come out as the launch it stands for would give them.
     """
     if _use_triton(x):
         from mobiquant.kernels.router import route_counts as launch
 
-        return launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in)
+        return launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, chunk_k=chunk_k or None)
     return route_counts_ref(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in)
 
 
 @route_counts.register_fake
-def _(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in):
+def _(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, chunk_k=0):
     return counts_in.new_empty(w1.shape[0], dtype=torch.int32)
 
 

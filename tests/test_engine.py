@@ -129,25 +129,28 @@ def test_fused_router_equals_router_kernel(tiny_llama, routed_model, allocation)
     """fuse_router (the routers' fc1 partials, then each linear finishing its counts), with and without
     router_glue (the norms and SiLU·up computed by the router launches), against the same engine with the router
     kernel finishing them: counts and logits equal, bit for bit, at budgets (nested and band), uniform k
-    and given (random) counts; the trace's counts come out in the same order."""
+    and given (random) counts; the trace's counts come out in the same order. The default engine also takes o_proj's
+    router partials from the attention's epilogue (attention_router); one engine launches that router instead."""
     pytest.importorskip("triton")
     model = routed_model(tiny_llama)
     attach_thresholds_(model, "layer", allocation)
     model = model.half().to(DEVICE)
     ef = DecodeEngine(model, 24, use_kernels=True, capture=False)  # router_glue: norms and SiLU·up in the routers
+    ea = DecodeEngine(model, 24, use_kernels=True, capture=False, attention_router=False)
     eg = DecodeEngine(model, 24, use_kernels=True, capture=False, router_glue=False)
     er = DecodeEngine(model, 24, use_kernels=True, capture=False, fuse_router=False)
     assert ef.fuse_router and ef.router_glue and eg.fuse_router and not eg.router_glue and not er.fuse_router
+    assert ef.attention_router and not ea.attention_router and not eg.attention_router
     given = torch.randint(1, 5, (ef.n_linears,), generator=torch.Generator().manual_seed(3))
     setups = [lambda e: e.set_budget(5.0), lambda e: e.set_budget(3.25), lambda e: e.set_k(3),
               lambda e: e.set_counts(given)]
     seen = set()
     for setup in setups:  # one decode step each, from position 0 on, no prefill (the steps are what differ)
-        for e in (ef, eg, er):
+        for e in (ef, ea, eg, er):
             setup(e)
         tok = int(torch.randint(0, 96, (1,)))
-        (l1, c1), (l2, c2), (l3, c3) = ef.decode(tok), eg.decode(tok), er.decode(tok)
-        assert torch.equal(c1, c2) and torch.equal(l1, l2) and torch.equal(c1, c3) and torch.equal(l1, l3)
+        (l1, c1), *rest = [e.decode(tok) for e in (ef, ea, eg, er)]
+        assert all(torch.equal(c1, c) and torch.equal(l1, lo) for lo, c in rest)
         seen |= set(c1.tolist())
     assert len(seen) > 2 and int(ef.pos) == len(setups)
 
@@ -162,6 +165,8 @@ def test_fused_router_needs_fp16_and_fused_linears(tiny_llama, routed_model):
     assert not DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_linears=False).fuse_router
     with pytest.raises(MoBiQuantError, match="router_glue"):
         DecodeEngine(model, 16, use_kernels=True, capture=False, fuse_router=False, router_glue=True)
+    with pytest.raises(MoBiQuantError, match="attention_router needs router_glue"):
+        DecodeEngine(model, 16, use_kernels=True, capture=False, router_glue=False, attention_router=True)
 
 
 def _wide_llama(hidden=256):

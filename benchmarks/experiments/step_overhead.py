@@ -12,6 +12,9 @@ computed inside the router launches, 96 launches fewer per step) off and on, alt
 each, at budgets 2 and 4 and k = 2, fp16 and int8 activations; the logits and counts of 4 greedy steps compared
 (must be equal).
 
+Part ``attention_router`` (seventeenth session): the same alternation for ``attention_router`` (o_proj's router partials
+and int8 codes computed in the attention's epilogue, 32 launches fewer per step).
+
 Part ``steps``: only the step at budgets 2 and 4, fp16 and int8 activations (median of 5 × 3 × 100 replays), to
 compare two trees run one after the other on one machine.
 
@@ -60,16 +63,17 @@ DB = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
-PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts
+PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts,
+# attention_router
 
 
 def step_ms(eng, prompt, rounds=3):
     return statistics.median(DB.graph_step_ms(eng, prompt) for _ in range(rounds))
 
 
-def glue_ab(model, prompt, res, save):
-    """router_glue off / on, alternating rounds (module docstring)."""
-    ab = res["glue_ab"] = dict(rounds=[], median_step_ms={}, equal={})
+def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab"):
+    """An engine flag (router_glue, attention_router) off / on, alternating rounds (module docstring)."""
+    ab = res[key] = dict(flag=flag, rounds=[], median_step_ms={}, equal={})
     for int8 in (False, True):
         tag = "int8" if int8 else "fp16"
         eng = DecodeEngine(model, 1024, int8_activations=int8, capture=False)
@@ -77,29 +81,29 @@ def glue_ab(model, prompt, res, save):
         outs = {}
         for rnd in range(3):
             for on in (False, True):
-                eng.router_glue = on
+                setattr(eng, flag, on)
                 eng.capture()
                 for name, setter, arg in cases:
                     getattr(eng, setter)(arg)
                     ms = DB.graph_step_ms(eng, prompt)
-                    ab["rounds"].append(dict(engine=tag, case=name, router_glue=on, round=rnd, step_ms=ms))
-                    DB.log(f"round {rnd} {tag} {name} router_glue={int(on)}: {ms:.3f} ms/step")
+                    ab["rounds"].append(dict(engine=tag, case=name, on=on, round=rnd, step_ms=ms))
+                    DB.log(f"round {rnd} {tag} {name} {flag}={int(on)}: {ms:.4f} ms/step")
                     if rnd == 0:
                         eng.prefill(prompt)
                         outs[(name, on)] = [tuple(t.clone() for t in eng.decode()) for _ in range(4)]
                     save()
         for name, _, _ in cases:
-            off = [r["step_ms"] for r in ab["rounds"] if (r["engine"], r["case"], r["router_glue"]) == (tag, name, 0)]
-            on = [r["step_ms"] for r in ab["rounds"] if (r["engine"], r["case"], r["router_glue"]) == (tag, name, 1)]
+            off = [r["step_ms"] for r in ab["rounds"] if (r["engine"], r["case"], r["on"]) == (tag, name, 0)]
+            on = [r["step_ms"] for r in ab["rounds"] if (r["engine"], r["case"], r["on"]) == (tag, name, 1)]
             eq = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                      for a, b in zip(outs[(name, False)], outs[(name, True)]))
             ab["median_step_ms"][f"{tag}_{name}"] = dict(off=statistics.median(off), on=statistics.median(on))
             ab["equal"][f"{tag}_{name}"] = eq
         del eng
         torch.cuda.empty_cache()
-    DB.log("\n| engine, case | router_glue off, ms/step | on | logits and counts equal |\n|---|---|---|---|")
+    DB.log(f"\n| engine, case | {flag} off, ms/step | on | logits and counts equal |\n|---|---|---|---|")
     for n, v in ab["median_step_ms"].items():
-        DB.log(f"| {n} | {v['off']:.3f} | {v['on']:.3f} ({100 * (v['on'] / v['off'] - 1):+.1f} %) | "
+        DB.log(f"| {n} | {v['off']:.4f} | {v['on']:.4f} ({100 * (v['on'] / v['off'] - 1):+.1f} %) | "
                f"{ab['equal'][n]} |")
     save()
 
@@ -278,7 +282,9 @@ def main():
         quantize_(model, MoBiQuantConfig(slice_bits=(2, 2, 2, 2), group_size=128))
         DB.attach_random_routers(model)
         if "glue_ab" in PARTS:
-            glue_ab(model, prompt, res, save)
+            flag_ab(model, prompt, res, save)
+        if "attention_router" in PARTS:  # seventeenth session: o_proj's router in the attention's epilogue
+            flag_ab(model, prompt, res, save, "attention_router", "attention_router_ab")
         if "early" in PARTS:
             early_ab(model, prompt, res, save)
         if "rwarps" in PARTS:

@@ -227,6 +227,77 @@ def test_router_prologue_rejects_bad_arguments():
         rk.route_partials(None, *rt, tau, *fl, norm=(a.float(), None, a.float()[0], 1e-5))
 
 
+def attention_case(H, KV, DH, S, pos, g):
+    """q (H, DH) and fp16 caches (KV, S, DH) with slots past pos poisoned (never read), pos a device tensor."""
+    q = torch.randn(H, DH, generator=g).half().to(DEVICE)
+    kc = torch.randn(KV, S, DH, generator=g).half()
+    vc = torch.randn(KV, S, DH, generator=g).half()
+    kc[:, pos + 1:] = vc[:, pos + 1:] = float("nan")
+    return q, kc.to(DEVICE), vc.to(DEVICE), torch.tensor([pos], device=DEVICE)
+
+
+@pytest.mark.parametrize("H,KV,DH,S,pos,hidden,int8,given_p", [
+    (4, 2, 128, 160, 130, 16, True, 0.0),  # two blocks of cache slots, int8 codes (one group per head)
+    (6, 3, 64, 40, 17, 7, False, 0.0),  # SmolLM2-like heads of 64 (no int8), an odd hidden size
+    (2, 1, 128, 24, 0, 16, True, 1.0),  # the first position; the count given: no partial stored
+    *(pytest.param(*case, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")])
+      for case in ((32, 8, 128, 1024, 700, 16, True, 0.0), (32, 8, 128, 64, 5, 16, False, 0.3))),  # LLaMA-3-8B
+])
+def test_router_in_attention_equals_router_launch(H, KV, DH, S, pos, hidden, int8, given_p):
+    """route_attention: decode_attention whose programs also store o_proj's router partials (and int8 codes) over
+    their head's features. o is decode_attention's, bit for bit; the plan's partials are route_partials' with chunks
+    of one head (chunk_k = DH) (bit for bit in the interpreter, to ~1 ulp on the GPU), its counts route_counts' (τ
+    away from the scores) and so the linear after it; the int8 codes are the quantizer's."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    q, kc, vc, p = attention_case(H, KV, DH, S, pos, g)
+    K = H * DH
+    o_ref = rk.decode_attention(q, kc, vc, p, 0, DH ** -0.5)
+    rt = router_stack(1, hidden, K, 4, g)
+    tau = router_scores(o_ref.float()[None], *rt)[0][:, 0].float() + 1e-2
+    fl = flags(1, 4, g, given_p=given_p)
+    packs = weights([96], K, 128 if int8 else 64)
+    bufs = want = None
+    if int8:
+        want = quantize_x_int8(o_ref[None])
+        bufs = (torch.full_like(want[0], -1), torch.full_like(want[1], float("nan")))  # poisoned
+    rk._scratch(q.device, 1, 1, store=rk._SCRATCH)[0].fill_(float("nan"))  # poisoned workspace
+    plan = rk.route_attention(q, kc, vc, p, 0, DH ** -0.5, *rt, tau, *fl, x_int8=bufs)
+    n = plan.meta["SPLIT"] * plan.meta["HP"]
+    got_ws = plan.ws[:n].clone()
+    ref = rk.route_partials(o_ref, *rt, tau, *fl, chunk_k=DH)
+    assert plan.meta == ref.meta and plan.meta["SPLIT"] == H
+    assert torch.equal(plan.x, o_ref)
+    if given_p == 1:  # a given count: no partial stored
+        assert got_ws.isnan().all()
+    elif DEVICE == "cpu":  # the interpreter: the same code, the same sums
+        assert torch.equal(got_ws, ref.ws[:n])
+    else:  # the same code compiled into two kernels: a product may be rounded apart from its sum (H100: ~1 ulp)
+        torch.testing.assert_close(got_ws, ref.ws[:n], rtol=1e-5, atol=1e-7)
+    cfg = dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1)
+    plan.ws = got_ws
+    y = sliced_gemv_cc(plan.x[None], packs[0], None, config=cfg, route=plan, x_int8=bufs)
+    counts = rk.route_counts(o_ref, *rt, tau, *fl, chunk_k=DH)
+    y_ref = sliced_gemv_cc(o_ref[None], packs[0], counts, config=cfg, x_int8=want)
+    assert torch.equal(plan.out, counts) and torch.equal(y, y_ref)
+    if int8:
+        assert torch.equal(bufs[0], want[0]) and torch.equal(bufs[1], want[1])
+
+
+def test_router_in_attention_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(5)
+    q, kc, vc, p = attention_case(2, 1, 64, 8, 3, g)
+    fl = flags(1, 4, g)
+    tau = torch.zeros(1, device=DEVICE)
+    with pytest.raises(ValueError, match="one router"):
+        rk.route_attention(q, kc, vc, p, 0, 0.125, *router_stack(2, 16, 128, 4, g), tau.repeat(2), *flags(2, 4, g))
+    with pytest.raises(ValueError, match="one router"):
+        rk.route_attention(q, kc, vc, p, 0, 0.125, *router_stack(1, 16, 256, 4, g), tau, *fl)
+    with pytest.raises(ValueError, match="heads of 128"):
+        bufs = (torch.zeros(1, 32, dtype=torch.int32, device=DEVICE), torch.zeros(1, 1, 2, device=DEVICE))
+        rk.route_attention(q, kc, vc, p, 0, 0.125, *router_stack(1, 16, 128, 4, g), tau, *fl, x_int8=bufs)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
