@@ -378,7 +378,7 @@ def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     the partials are the same sums; the compiler may still round a product apart from its sum in one of them (on the
     H100 some partials differ in their last bit), so a score within ~1e-6 of τ may fall on either side, as between
     this kernel and torch. One router (o_proj's); its hidden size at most 64; Dh a power of two from 16 to 256."""
-    KV, S, DH = k_cache.shape
+    DH = k_cache.shape[-1]
     R, H, K = w1.shape
     if R != 1 or K != q.numel() or q.numel() % DH or DH & (DH - 1) or not 16 <= DH <= 256 or H > 64:
         raise ValueError(f"route_attention: one router over the {q.numel()} attention outputs, heads of a power of "
