@@ -355,6 +355,7 @@ def profile_main(args, info):
 
     res = dict(info=info, variants={})
     save = saver(res, results_file(args, "decode_profile_h100.json"))
+    shipped_chunk = router_kernel.CHUNK_K
 
     model, prompt = model_and_prompt(args)
     V = res["variants"]
@@ -363,7 +364,7 @@ def profile_main(args, info):
         eng.fuse_glue = setup.get("fuse", True)
         eng.fuse_linears = setup.get("linears", True)
         eng.fuse_router = setup.get("router", False) and eng.n_linears > 0
-        router_kernel.CHUNK_K = setup.get("chunk", 256)
+        router_kernel.CHUNK_K = setup.get("chunk", shipped_chunk)
         router_kernel.PDL_TRIGGER = setup.get("trigger", True)
         eng.capture()
         if "k" in setup:
@@ -413,7 +414,7 @@ def profile_main(args, info):
         variant("q_k2_no_router_torch_glue", eng, dict(k=2) | first | dict(chunk=256), trace=False)
         variant("q_k2_no_router_all_on", eng, dict(k=2))
     router_kernel.PDL_TRIGGER = True
-    router_kernel.CHUNK_K = 256
+    router_kernel.CHUNK_K = shipped_chunk
     log("\n| variant | ms/step | kernel ms | launches |")
     log("|---|---|---|---|")
     for n, r in V.items():

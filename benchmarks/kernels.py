@@ -95,9 +95,9 @@ def time_fn(fn, reps=20, warm=3) -> float:
     return statistics.median(ts)
 
 
-def time_graph(run, reps=10, inner=5) -> float:
-    """Capture run() once in a CUDA graph; median ms per replay (batches of `inner` replays)."""
-    run()  # warm-up / compile / workspace allocation, outside the capture
+def capture_graph(run) -> torch.cuda.CUDAGraph:
+    """run() captured once in a CUDA graph (after a warm-up that compiles and allocates its workspaces)."""
+    run()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -108,7 +108,17 @@ def time_graph(run, reps=10, inner=5) -> float:
     with torch.cuda.graph(g):
         run()
     torch.cuda.synchronize()
+    return g
+
+
+def time_replays(g: torch.cuda.CUDAGraph, reps=10, inner=5) -> float:
+    """Median ms per replay of a captured graph (batches of `inner` replays)."""
     return time_fn(lambda: [g.replay() for _ in range(inner)], reps=reps) / inner
+
+
+def time_graph(run, reps=10, inner=5) -> float:
+    """Capture run() once in a CUDA graph; median ms per replay (batches of `inner` replays)."""
+    return time_replays(capture_graph(run), reps, inner)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -274,6 +284,36 @@ def decode_stack(layers, results, batches, bw, quick=False):
                 add_row("sliced_gemv_cc_fused_int8_act", "v10 int8-act fused", time_graph(run_fused(True)))
                 add_row("sliced_gemv_cc_fused_int8_act_quantizer", "v10 + quantizer   ",
                         time_graph(run_fused(True, True)))
+        if M > 1:
+            mixed_vs_uniform(layers, results, M, xin, outs)
+
+
+def mixed_vs_uniform(layers, results, M, xin, outs, rounds=6):
+    """v9 (the kernel dispatch uses for 2..16 fp16 tokens) at a mixed batch's counts against uniform k at their
+    largest, each captured once and timed in alternating rounds (ABBA order): both read the same planes, so "mixed
+    never slower" is a comparison within noise, which the rows timed one after the other cannot settle."""
+    kv = mixed_k(M, 3)
+    graphs = {}
+    for name, counts in (("mixed", kv), ("uniform", [max(kv)] * M)):
+        k = torch.tensor(counts, dtype=torch.int32, device="cuda")
+
+        def run(k=k):
+            for L in layers:
+                for lin, (N, K) in SHAPES.items():
+                    sliced_gemv_mma(xin[K], L[lin]["ours"], k, out=outs[lin])
+        graphs[name] = capture_graph(run)
+    ms = {name: [] for name in graphs}
+    for rnd in range(rounds):
+        for name in (("mixed", "uniform") if rnd % 2 == 0 else ("uniform", "mixed")):
+            ms[name].append(time_replays(graphs[name]))
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    results["mixed_vs_uniform"].append(dict(kernel="sliced_gemv_mma", M=M, k=kv, kmax=max(kv), rounds=rounds,
+                                            mixed_ms=ms["mixed"], uniform_ms=ms["uniform"],
+                                            mixed_median_ms=med["mixed"], uniform_median_ms=med["uniform"],
+                                            mixed_over_uniform=med["mixed"] / med["uniform"]))
+    log(f"   M={M:2d} v9 alternating {rounds} rounds: mixed {med['mixed']:.3f} ms, uniform k={max(kv)} "
+        f"{med['uniform']:.3f} ms ({100 * (med['mixed'] / med['uniform'] - 1):+.2f} %; mixed "
+        f"{min(ms['mixed']):.3f}-{max(ms['mixed']):.3f}, uniform {min(ms['uniform']):.3f}-{max(ms['uniform']):.3f})")
 
 
 def prefill(layers, results, M=2048, n_layers=2):
@@ -652,7 +692,8 @@ def main():
     results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    cuda=torch.version.cuda, python=platform.python_version(),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   layers=a.layers, group_size=GROUP, slice_bits=BITS, checks=[], decode=[], prefill=[])
+                   layers=a.layers, group_size=GROUP, slice_bits=BITS, checks=[], decode=[], mixed_vs_uniform=[],
+                   prefill=[])
     log(f"{results['gpu']}  torch {results['torch']}  triton {results['triton']}  {results['date']}")
     bw = copy_bandwidth()
     results["copy_bw_GBps"] = bw / 1e9
@@ -704,6 +745,9 @@ def main():
     log("\nkernel           M  k                 ms   %copyBW")
     for r in results["decode"]:
         log(f"{r['kernel']:<16s} {r['M']:2d} {str(r['k'])[:14]:<14s} {r['ms']:7.3f} {r['pct_copy_bw']:6.1f}")
+    for r in results["mixed_vs_uniform"]:
+        log(f"v9 M={r['M']:2d} mixed {r['mixed_median_ms']:.3f} vs uniform k={r['kmax']} "
+            f"{r['uniform_median_ms']:.3f} ms (alternating, {r['rounds']} rounds): x{r['mixed_over_uniform']:.4f}")
     for r in results["prefill"]:
         log(f"prefill {r['kernel']:<15s} k={r['k']:<6s} {r['ms']:8.3f} ms {r['tflops']:6.1f} TFLOP/s")
 

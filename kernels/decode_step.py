@@ -118,7 +118,7 @@ def _pdl_opts(t: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ add + RMSNorm
-NORM_CHUNK = 256  # features per program of add_rms_norm: the router's chunk (router.CHUNK_K), so both split alike
+NORM_CHUNK = 256  # features per program of add_rms_norm (x does not depend on it: each computes the row's rstd)
 NORM_WARPS = 8  # add_rms_norm and the router kernel: the same warps, so add_rms_rstd reduces in the same order
 # (8 or 2: 0.7 % off the 8B step against 4; KERNEL_NOTES.md, "Twelfth session")
 

@@ -27,7 +27,7 @@ path. The counts are route_counts' (same partials, same finishing code; KERNEL_N
 On Hopper each program first issues ``griddepcontrol.launch_dependents``: the linear that follows (v7, launched with
 programmatic dependent launch) may then start and prefetch its weights into L2 while the router runs; it reads the
 counts only after its ``griddepcontrol.wait``, which waits for this grid to complete. The router is itself launched
-with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the engine's CHUNK_K = BLOCK_K = 256), it loads
+with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the default chunk, ``default_chunk``), it loads
 its fc1 tile, input scales and (norm prologue) the norm's weights, constants never written by a kernel, before its
 own ``griddepcontrol.wait``, so that load overlaps the kernel before it (the norm, the attention, SiLU·up); so is
 the given flag, which only the host writes (set_budget's copies, before the graph runs; a kernel before this one
@@ -73,10 +73,27 @@ from .decode_step import (
 )
 from .sliced_gemv import _scratch
 
-CHUNK_K = 256  # K per program: one (HP, BLOCK_K) tile of fc1 each, 16 programs per router at K = 4096
+# K per program by default: the widest power of two from 256 to CHUNK_K that divides K (``default_chunk``), one
+# (HP, chunk) tile of fc1 each: 4 programs per router at K = 4096, 14 at 14336. Wider chunks mean fewer partials for
+# each routed linear's programs to sum: 1024 took 0.25-0.5 % off the int8 engine's step at budgets 3 and 4 against
+# 256, 2048 added 3.5 % (KERNEL_NOTES.md, "Eighteenth session")
+CHUNK_K = 1024
+MAX_TILE_K = 1024  # the widest chunk a program takes as one tile (a prologue and x_int8 need one tile)
 PDL_TRIGGER = True  # let the next kernel (a linear launched with PDL) start early and prefetch its weights
 PDL_WAIT = True  # launch with PDL: fc1 loaded before griddepcontrol.wait, overlapping the kernel before
 _SCRATCH: dict = {}
+
+
+def default_chunk(K: int) -> int:
+    """In-features per router program when none is asked for: the widest of CHUNK_K, CHUNK_K / 2, .., 256 that
+    divides K (so that int8 activations, which quantize whole groups of 128 per program, fit), else 256. A CHUNK_K
+    above MAX_TILE_K is taken as it is: each program loops over tiles of 256 (>= K: one program per router)."""
+    c = CHUNK_K
+    if c > MAX_TILE_K:
+        return c
+    while c > 256 and K % c:
+        c //= 2
+    return c
 
 
 ASM_MUL_RN = tl.constexpr("mul.rn.f32 $0, $1, $2;")
@@ -219,7 +236,7 @@ def _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name):
                          f"tau {tuple(tau.shape)} do not fit")
     if counts_in.dtype != torch.int32:
         raise ValueError("counts_in must be int32")
-    chunk = min(chunk_k or CHUNK_K, K)
+    chunk = min(chunk_k or default_chunk(K), K)
     split = triton.cdiv(K, chunk)
     HP = max(triton.next_power_of_2(H), 2)
     return R, H, K, EM1, chunk, split, HP
@@ -263,14 +280,15 @@ def _prologue(x, norm, silu, K: int, name: str) -> Prologue | None:
 def _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, finish, name,
             x_int8=None, pro: Prologue | None = None):
     R, H, K, EM1, chunk, split, HP = _shapes(x, s, w1, w2, tau, counts_in, chunk_k, name)
-    block_k = min(256, triton.next_power_of_2(chunk))
+    block_k = triton.next_power_of_2(chunk) if chunk <= MAX_TILE_K else 256
     if pro is not None:
         if chunk > block_k:
-            raise ValueError(f"{name}: a prologue needs a chunk of at most 256 in-features, got {chunk}")
+            raise ValueError(f"{name}: a prologue needs a chunk of at most {MAX_TILE_K} in-features, got {chunk}")
         x = pro.x_out
     if x_int8 is not None:  # each program quantizes its whole chunk: whole groups of 128, one tile, no tail
         if chunk % 128 or chunk != block_k or K % chunk:
-            raise ValueError(f"{name}: x_int8 needs K ({K}) a multiple of a chunk of 128 or 256 in-features")
+            raise ValueError(f"{name}: x_int8 needs K ({K}) a multiple of a chunk of 128 to {MAX_TILE_K} "
+                             "in-features, a power of two")
         check_x_int8(x_int8, 1, K, 128, x.device)
     xq, xs = (x_int8[0].view(torch.int8), x_int8[1]) if x_int8 is not None else (out, out)
     a = b = nw = hout = x
@@ -302,7 +320,8 @@ def route_counts(x: torch.Tensor, s: torch.Tensor, w1: torch.Tensor, b1: torch.T
                  given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor | None = None,
                  chunk_k: int | None = None) -> torch.Tensor:
     """counts (R,) int32 for one token (module docstring). All tensors contiguous on x's device. No host sync.
-    chunk_k: K per program (default CHUNK_K, a multiple of BLOCK_K = 256 unless smaller; >= K: one per router)."""
+    chunk_k: K per program (default ``default_chunk(K)``; up to MAX_TILE_K one tile, past it a loop over tiles of
+    256; >= K: one program per router)."""
     out = torch.empty(w1.shape[0], dtype=torch.int32, device=x.device) if out is None else out
     _launch(x, s, w1, b1, w2, b2, tau, force_on, force_off, given, counts_in, out, chunk_k, True, "route_counts")
     return out
@@ -354,7 +373,7 @@ def route_partials(x: torch.Tensor | None, s: torch.Tensor, w1: torch.Tensor, b1
     ``norm=(h, r, w, eps)`` (x None): x = w * rmsnorm(h + r) (r None: no add), as ``decode_step.add_rms_norm``
     computes it, bit for bit; ``plan.x`` and ``plan.h`` (= h + r) are new tensors that router 0 fills.
     ``silu=(g, u)`` (x None): x = silu(g) * u, as ``decode_step.silu_mul``; ``plan.x``. Either saves the step the
-    glue kernel's launch; the chunk must be at most 256 features (the default)."""
+    glue kernel's launch; the chunk must be at most MAX_TILE_K features (the default is)."""
     if w1.shape[1] > 64:  # route_finish's layout argument: at most one hidden unit per thread of a 2-warp program
         raise ValueError(f"route_partials: router hidden size {w1.shape[1]} above 64")
     pro = _prologue(x, norm, silu, w1.shape[2], "route_partials")
@@ -398,4 +417,4 @@ def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                      dict(H=H, EM1=w2.shape[1], HP=HP, SPLIT=split), x=o)
 
 
-__all__ = ["route_counts", "route_partials", "route_attention", "RoutePlan", "CHUNK_K"]
+__all__ = ["route_counts", "route_partials", "route_attention", "RoutePlan", "CHUNK_K", "default_chunk"]

@@ -34,6 +34,9 @@ do not: the same mixed k in the linears without the routing work), and uniform k
 then, in a second engine, the router launches computing their fc1 partials while the linears take those counts as
 given (``RoutePlan.args`` patched here: the router side of the routing work alone).
 
+Part ``rchunk`` (eighteenth session): in-features per router program (``router.CHUNK_K``, ``RCHUNKS``), alternating
+rounds (int8 engine, budgets 4 and 3).
+
 Part ``rwarps``: the router launch's warps (2 / 4 / 8; add_rms_norm follows), alternating rounds (int8, budget 4).
 
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
@@ -64,7 +67,7 @@ spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
 PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts,
-# attention_router
+# attention_router, rchunk
 
 
 def step_ms(eng, prompt, rounds=3):
@@ -217,6 +220,34 @@ def router_warps_ab(model, prompt, res, save):
               [(dict(num_warps=w), use(w)) for w in (4, 2, 8)], use(shipped))
 
 
+RCHUNKS = tuple(os.environ.get("RCHUNKS", "256 512 1024").split())  # "a" or "a,b": a up to K = 4096, b past it
+
+
+def router_chunk_ab(model, prompt, res, save):
+    """In-features per router program (router.CHUNK_K, one tile each up to MAX_TILE_K) at budgets 4 and 3: a wider
+    chunk means fewer fc1 partials for each routed linear's programs to read and sum (16 at 256 for K = 4096, 56 for
+    down_proj's 14336) and fewer, longer router programs. o_proj's router keeps one head a program. A variant "a,b"
+    gives the routers of K <= 4096 chunks of a and down_proj's of b."""
+    from mobiquant.kernels import router as router_kernel
+
+    shipped = router_kernel.CHUNK_K, router_kernel.MAX_TILE_K, router_kernel.default_chunk
+
+    def use(variant):
+        a, b = (int(c) for c in (variant + "," + variant).split(",")[:2])
+
+        def apply():
+            router_kernel.CHUNK_K, router_kernel.MAX_TILE_K = a, max(a, b, 256)
+            router_kernel.default_chunk = lambda K: a if K <= 4096 else b
+        return apply
+
+    def restore():
+        router_kernel.CHUNK_K, router_kernel.MAX_TILE_K, router_kernel.default_chunk = shipped
+
+    for budget in (4.0, 3.0):
+        ab_rounds(model, prompt, res, save, f"router_chunk_ab_{budget:g}", budget, 3,
+                  [(dict(chunk=c), use(c)) for c in RCHUNKS], restore)
+
+
 def b4_parts(model, prompt, res, save):
     eng = DecodeEngine(model, 1024, int8_activations=True)
     eng.set_budget(4.0)
@@ -289,6 +320,8 @@ def main():
             early_ab(model, prompt, res, save)
         if "rwarps" in PARTS:
             router_warps_ab(model, prompt, res, save)
+        if "rchunk" in PARTS:
+            router_chunk_ab(model, prompt, res, save)
         if "b4parts" in PARTS:
             b4_parts(model, prompt, res, save)
             torch.cuda.empty_cache()

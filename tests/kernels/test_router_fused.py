@@ -82,6 +82,7 @@ def fused_vs_chain(x, packs, rt, tau, fl, chunk_k=None, r_off=0, config=None):
     ([130], 640, 128, 7, 4, None),  # one weight, 3 partials of 256 (the last one short), hidden 7
     ([96, 96], 256, 128, 16, 3, 1 << 20),  # gate/up-like, one partial per router, E = 3
     ([72, 40], 384, 32, 16, 4, 100),  # 4 partials, group 32
+    ([64], 2048, 128, 16, 4, None),  # the default chunk at K = 2048: 2 partials of one 1024-wide tile each
 ])
 def test_fused_counts_equal_router_kernel(Ns, K, group, H, E, chunk_k):
     g = torch.Generator().manual_seed(next(_SEED))
@@ -218,8 +219,9 @@ def test_router_prologue_rejects_bad_arguments():
         rk.route_partials(x.reshape(-1), *rt, tau, *fl, **kw)
     with pytest.raises(ValueError, match="x, norm= or silu="):
         rk.route_partials(None, *rt, tau, *fl)
-    with pytest.raises(ValueError, match="at most 256"):
-        rk.route_partials(None, *rt, tau, *fl, chunk_k=1 << 20, **kw)
+    kw_wide, _, _ = prologue_case("silu", 2 * rk.MAX_TILE_K, None, g)  # a chunk past one tile
+    with pytest.raises(ValueError, match=f"at most {rk.MAX_TILE_K}"):
+        rk.route_partials(None, *router_stack(1, 16, 2 * rk.MAX_TILE_K, 4, g), tau, *fl, chunk_k=1 << 20, **kw_wide)
     a, b = kw["silu"]
     with pytest.raises(ValueError, match="512 contiguous"):
         rk.route_partials(None, *rt, tau, *fl, silu=(a, b[:, :128]))

@@ -30,9 +30,11 @@ def routers(R, H, K, E, seed):
 
 
 @pytest.mark.parametrize("R,H,K,E", [(3, 16, 320, 4), (1, 8, 200, 4), (2, 5, 96, 3), (2, 16, 64, 6),
-                                     (2, 16, 1000, 4)])
+                                     (2, 16, 1000, 4), (1, 8, 2500, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("chunk_k", [None, 80, 1 << 20])  # default (256), 2..13 programs per router, one per router
+# the default (router.default_chunk: 256 for these K), 2..32 programs per router, one per router (one tile of up to
+# 1024 in-features; at K = 2500 a loop over tiles of 256)
+@pytest.mark.parametrize("chunk_k", [None, 80, 1 << 20])
 def test_router_kernel_matches_mobiroute(R, H, K, E, dtype, chunk_k):
     for seed in range(3):
         rs, (s, w1, b1, w2, b2) = routers(R, H, K, E, seed)
@@ -46,6 +48,22 @@ def test_router_kernel_matches_mobiroute(R, H, K, E, dtype, chunk_k):
         out = route_counts(x, s, w1, b1, w2, b2, tau.to(DEVICE), off, off, given, cin, chunk_k=chunk_k)
         expect = torch.stack([nested_counts(scores[r], tau[r]) for r in range(R)]).int()
         assert torch.equal(out.cpu(), expect)
+
+
+def test_default_chunk():
+    """The widest power of two from 256 to CHUNK_K that divides K (whole int8 groups per program), else 256; a
+    CHUNK_K past one tile as it is."""
+    from mobiquant.kernels import router as rk
+
+    assert rk.CHUNK_K == rk.MAX_TILE_K == 1024
+    got = {K: rk.default_chunk(K) for K in (4096, 14336, 1536, 2048, 768, 576, 320, 96)}
+    assert got == {4096: 1024, 14336: 1024, 1536: 512, 2048: 1024, 768: 256, 576: 256, 320: 256, 96: 256}
+    shipped = rk.CHUNK_K
+    try:
+        rk.CHUNK_K = 1 << 20
+        assert rk.default_chunk(14336) == 1 << 20
+    finally:
+        rk.CHUNK_K = shipped
 
 
 def test_band_forcing_and_given_counts():
