@@ -37,7 +37,8 @@ given (``RoutePlan.args`` patched here: the router side of the routing work alon
 Part ``rchunk`` (eighteenth session): in-features per router program (``router.CHUNK_K``, ``RCHUNKS``), alternating
 rounds (int8 engine, budgets 4 and 3).
 
-Part ``rwarps``: the router launch's warps (2 / 4 / 8; add_rms_norm follows), alternating rounds (int8, budget 4).
+Part ``rwarps``: the router launch's warps (``RWARPS``, default 4 / 2 / 8; add_rms_norm follows), alternating rounds
+(int8, budget 4).
 
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
 linears), so that kernels do not overlap and torch.profiler's per-kernel times are their own: the step's time by
@@ -205,6 +206,9 @@ def early_ab(model, prompt, res, save):
                   [(dict(early=on), use(on)) for on in (False, True)], use(True))
 
 
+RWARPS = tuple(int(w) for w in os.environ.get("RWARPS", "4 2 8").split())
+
+
 def router_warps_ab(model, prompt, res, save):
     """The router launch's warps (and add_rms_norm's, which must match: decode_step.NORM_WARPS; budget 4)."""
     from mobiquant.kernels import decode_step
@@ -217,7 +221,7 @@ def router_warps_ab(model, prompt, res, save):
 
     shipped = decode_step.NORM_WARPS
     ab_rounds(model, prompt, res, save, "router_warps_ab", 4.0, 2,
-              [(dict(num_warps=w), use(w)) for w in (4, 2, 8)], use(shipped))
+              [(dict(num_warps=w), use(w)) for w in RWARPS], use(shipped))
 
 
 RCHUNKS = tuple(os.environ.get("RCHUNKS", "256 512 1024").split())  # "a" or "a,b": a up to K = 4096, b past it
