@@ -394,9 +394,10 @@ def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (and with ``x_int8`` their int8 codes: Dh = 128, one group). The result is ``route_partials(o, ...,
     chunk_k=Dh)``'s plan with o as ``plan.x``: the v7 launch after it finishes the count (``sliced_gemv_cc(...,
     route=plan)``). Both kernels run decode_step.fc1_partial on decode_step.fc1_tile's tiles in the same layout, so
-    the partials are the same sums; the compiler may still round a product apart from its sum in one of them (on the
-    H100 some partials differ in their last bit), so a score within ~1e-6 of τ may fall on either side, as between
-    this kernel and torch. One router (o_proj's); its hidden size at most 64; Dh a power of two from 16 to 256."""
+    the partials are the same sums in the interpreter; on the H100 most differ in their last bit, and not because of
+    the products' or the division's rounding (KERNEL_NOTES.md, "Eighteenth session"), so a score within ~1e-8 of τ
+    may fall on either side, as between this kernel and torch. One router (o_proj's); its hidden size at most 64;
+    Dh a power of two from 16 to 256."""
     DH = k_cache.shape[-1]
     R, H, K = w1.shape
     if R != 1 or K != q.numel() or q.numel() % DH or DH & (DH - 1) or not 16 <= DH <= 256 or H > 64:

@@ -228,24 +228,24 @@ RCHUNKS = tuple(os.environ.get("RCHUNKS", "256 512 1024").split())  # "a" or "a,
 
 
 def router_chunk_ab(model, prompt, res, save):
-    """In-features per router program (router.CHUNK_K, one tile each up to MAX_TILE_K) at budgets 4 and 3: a wider
+    """In-features per router program (router.default_chunk, one tile each up to MAX_TILE_K) at budgets 4 and 3: a wider
     chunk means fewer fc1 partials for each routed linear's programs to read and sum (16 at 256 for K = 4096, 56 for
     down_proj's 14336) and fewer, longer router programs. o_proj's router keeps one head a program. A variant "a,b"
     gives the routers of K <= 4096 chunks of a and down_proj's of b."""
     from mobiquant.kernels import router as router_kernel
 
-    shipped = router_kernel.CHUNK_K, router_kernel.MAX_TILE_K, router_kernel.default_chunk
+    shipped = router_kernel.MAX_TILE_K, router_kernel.default_chunk
 
     def use(variant):
         a, b = (int(c) for c in (variant + "," + variant).split(",")[:2])
 
         def apply():
-            router_kernel.CHUNK_K, router_kernel.MAX_TILE_K = a, max(a, b, 256)
+            router_kernel.MAX_TILE_K = max(a, b, 256)
             router_kernel.default_chunk = lambda K: a if K <= 4096 else b
         return apply
 
     def restore():
-        router_kernel.CHUNK_K, router_kernel.MAX_TILE_K, router_kernel.default_chunk = shipped
+        router_kernel.MAX_TILE_K, router_kernel.default_chunk = shipped
 
     for budget in (4.0, 3.0):
         ab_rounds(model, prompt, res, save, f"router_chunk_ab_{budget:g}", budget, 3,
