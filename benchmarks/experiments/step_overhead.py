@@ -40,6 +40,14 @@ rounds (int8 engine, budgets 4 and 3).
 Part ``rwarps``: the router launch's warps (``RWARPS``, default 4 / 2 / 8; add_rms_norm follows), alternating rounds
 (int8, budget 4).
 
+Part ``skipglue`` (nineteenth session): at budget 2 (``SKIP_BUDGETS``), the int8 step with its router launches, without
+the down router launch, and without any router launch (stale inputs: timing only), alternating rounds: the most that
+folding the router launches' glue (norms, SiLU·up, int8 codes) into the linears could save where no count is routed.
+
+Part ``given_graph`` (nineteenth session; needs ``given_graph.patch``, not kept): the same alternation for the engine
+flag ``given_graph`` (int8 engine; budgets 2 and 8 and k = 2, where the given graph replays, and budget 4, where the
+routed graph does: a control).
+
 Part ``nopdl`` (twelfth session): every launch of the step without programmatic dependent launch (glue, router and
 linears), so that kernels do not overlap and torch.profiler's per-kernel times are their own: the step's time by
 kernel category, int8 engine at budgets 2 and 4 (the step is slower than with PDL; the shares are what it says).
@@ -68,20 +76,21 @@ spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
 PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts,
-# attention_router, rchunk
+# attention_router, rchunk, skipglue, given_graph
 
 
 def step_ms(eng, prompt, rounds=3):
     return statistics.median(DB.graph_step_ms(eng, prompt) for _ in range(rounds))
 
 
-def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab"):
-    """An engine flag (router_glue, attention_router) off / on, alternating rounds (module docstring)."""
-    ab = res[key] = dict(flag=flag, rounds=[], median_step_ms={}, equal={})
-    for int8 in (False, True):
+def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab", int8s=(False, True), cases=None):
+    """An engine flag (router_glue, attention_router, given_graph) off / on, alternating rounds (module
+    docstring)."""
+    ab = res[key] = dict(flag=flag, rounds=[], median_step_ms={}, equal={}, max_logit_diff={})
+    for int8 in int8s:
         tag = "int8" if int8 else "fp16"
         eng = DecodeEngine(model, 1024, int8_activations=int8, capture=False)
-        cases = (("budget_2", "set_budget", 2.0), ("budget_4", "set_budget", 4.0), ("k2", "set_k", 2))
+        cases = cases or (("budget_2", "set_budget", 2.0), ("budget_4", "set_budget", 4.0), ("k2", "set_k", 2))
         outs = {}
         for rnd in range(3):
             for on in (False, True):
@@ -103,6 +112,8 @@ def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab"):
                      for a, b in zip(outs[(name, False)], outs[(name, True)]))
             ab["median_step_ms"][f"{tag}_{name}"] = dict(off=statistics.median(off), on=statistics.median(on))
             ab["equal"][f"{tag}_{name}"] = eq
+            ab["max_logit_diff"][f"{tag}_{name}"] = max(
+                (a[0] - b[0]).abs().max().item() for a, b in zip(outs[(name, False)], outs[(name, True)]))
         del eng
         torch.cuda.empty_cache()
     DB.log(f"\n| engine, case | {flag} off, ms/step | on | logits and counts equal |\n|---|---|---|---|")
@@ -252,6 +263,35 @@ def router_chunk_ab(model, prompt, res, save):
                   [(dict(chunk=c), use(c)) for c in RCHUNKS], restore)
 
 
+SKIP_BUDGETS = tuple(float(b) for b in os.environ.get("SKIP_BUDGETS", "2").split())
+
+
+def skip_glue_ab(model, prompt, res, save):
+    """What the router launches cost at budgets whose counts are all given (budget 2: every count forced): the
+    step with them, without the down router launch (SiLU·up and x's int8 codes) and without every router launch
+    (also the norms before q/k/v and gate/up), alternating rounds (int8 engine). Without them the linears read
+    stale inputs, so the logits are meaningless: this bounds what folding that glue into the linears could save."""
+    from mobiquant.kernels import router as router_kernel
+
+    real = router_kernel._route_counts_kernel
+
+    class Skip:  # router._launch calls _route_counts_kernel[grid](..., PRO=kind, ...): kinds in `skip` not launched
+        def __init__(self, skip):
+            self.skip = skip
+
+        def __getitem__(self, grid):
+            launch = real[grid]
+            return lambda *a, **kw: None if kw.get("PRO") in self.skip else launch(*a, **kw)
+
+    def use(skip):
+        return lambda: setattr(router_kernel, "_route_counts_kernel", Skip(skip) if skip else real)
+
+    for budget in SKIP_BUDGETS:
+        ab_rounds(model, prompt, res, save, f"skip_glue_ab_{budget:g}", budget, 3,
+                  [(dict(skip="none"), use(())), (dict(skip="down"), use((2,))), (dict(skip="all"), use((1, 2)))],
+                  use(()))
+
+
 def b4_parts(model, prompt, res, save):
     eng = DecodeEngine(model, 1024, int8_activations=True)
     eng.set_budget(4.0)
@@ -320,12 +360,18 @@ def main():
             flag_ab(model, prompt, res, save)
         if "attention_router" in PARTS:  # seventeenth session: o_proj's router in the attention's epilogue
             flag_ab(model, prompt, res, save, "attention_router", "attention_router_ab")
+        if "given_graph" in PARTS:  # nineteenth session: no router launches where no count is routed
+            flag_ab(model, prompt, res, save, "given_graph", "given_graph_ab", int8s=(True,),
+                    cases=(("budget_2", "set_budget", 2.0), ("budget_8", "set_budget", 8.0), ("k2", "set_k", 2),
+                           ("budget_4", "set_budget", 4.0)))
         if "early" in PARTS:
             early_ab(model, prompt, res, save)
         if "rwarps" in PARTS:
             router_warps_ab(model, prompt, res, save)
         if "rchunk" in PARTS:
             router_chunk_ab(model, prompt, res, save)
+        if "skipglue" in PARTS:
+            skip_glue_ab(model, prompt, res, save)
         if "b4parts" in PARTS:
             b4_parts(model, prompt, res, save)
             torch.cuda.empty_cache()
