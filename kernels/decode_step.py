@@ -333,10 +333,10 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
     early = (offs_s >= lo) & (offs_s < pos)
     k0 = tl.load(kbase + tile, mask=early[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_S, DP)
     v0 = tl.load(vbase + tile, mask=early[:, None] & d_mask[None, :], other=0.0)
-    if ROUTE:  # o_proj's router: its input scales and fc1 columns for this head's features, and its given flag
-        r_s, r_w = fc1_tile(rs_ptr, rw1_ptr, 0, tl.num_programs(0) * DH, RH, tl.arange(0, RHP), h * DH + offs_d,
-                            d_mask)
+    if ROUTE:  # o_proj's router: its given flag, and unless given its input scales and fc1 columns for this head
         r_given = tl.load(rgiven_ptr)
+        r_s, r_w = fc1_tile(rs_ptr, rw1_ptr, 0, tl.num_programs(0) * DH, RH, tl.arange(0, RHP), h * DH + offs_d,
+                            d_mask & (offs_d * 0 + r_given.to(tl.int32) == 0))  # (a tensor: the interpreter)
     _pdl_wait_early(PRE, PDL)
     q = tl.load(q_ptr + h * DH + offs_d, mask=d_mask, other=0.0)
     dt = q.dtype

@@ -18,7 +18,7 @@ Grid (R, SPLIT), SPLIT = cdiv(K, CHUNK_K): program (r, c) multiplies router r's 
 (BLOCK_K at a time, fp32) and stores the (HP,) partial in a workspace; the last program of router r to arrive (a
 self-resetting counter, as in sliced_gemv_cc's split-K) finishes: ``route_finish`` sums the SPLIT partials one after
 the other (so the result does not depend on the arrival order), then b1, SiLU, fc2, the thresholds and the count.
-A router whose count is given skips fc1 altogether (its first program stores counts_in).
+A router whose count is given skips fc1 altogether, its weights not even read (its first program stores counts_in).
 
 ``route_partials`` is the same launch without the finishing step (FINISH off: no counter, no last program): the v7
 linear launched after it (``sliced_gemv_cc(..., route=plan)``) runs ``route_finish`` itself in each of its programs,
@@ -30,9 +30,10 @@ counts only after its ``griddepcontrol.wait``, which waits for this grid to comp
 with PDL (``PDL_WAIT``): when its program's K chunk is one tile (the default chunk, ``default_chunk``), it loads
 its fc1 tile, input scales and (norm prologue) the norm's weights, constants never written by a kernel, before its
 own ``griddepcontrol.wait``, so that load overlaps the kernel before it (the norm, the attention, SiLU·up); so is
-the given flag, which only the host writes (set_budget's copies, before the graph runs; a kernel before this one
-that wrote it would not have triggered the launch early: only this package's kernels do, and none writes it). x, τ,
-the force flags and every store come after.
+the given flag, loaded first (a given router's fc1 tile is masked off: ~78 MB a step at the forced budgets of
+LLaMA-3-8B, KERNEL_NOTES.md "Nineteenth session"), which only the host writes (set_budget's copies, before the
+graph runs; a kernel before this one that wrote it would not have triggered the launch early: only this package's
+kernels do, and none writes it). x, τ, the force flags and every store come after.
 With ``x_int8`` (the int8-activation option, act_int8.py), router 0's programs also round their K chunk of x to
 int8 per group of 128 and store the codes and (sx, SX) for the linear after them: the option needs no launch of its
 own (KERNEL_NOTES.md, "Eleventh session").
@@ -166,15 +167,17 @@ def _route_counts_kernel(
     offs_h = tl.arange(0, HP)
     k_lo = c * CHUNK
     k_hi = tl.minimum(k_lo + CHUNK, K)
+    # whether the count is given: written by the host's copies (set_budget, set_k) before the graph runs, never by a
+    # kernel of the step, so read before the wait, and first: a given count's fc1 tile is not read
+    given_raw = tl.load(given_ptr + r)
+    given = given_raw != 0
     if ONE_TILE:  # CHUNK <= BLOCK_K: the program's whole fc1 tile and scales, constants, loaded before the wait
         offs_k1 = k_lo + tl.arange(0, BLOCK_K)
         k_mask1 = offs_k1 < k_hi
-        s_t, w_t = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k1, k_mask1)  # (BLOCK_K,), (HP, BLOCK_K)
+        s_t, w_t = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k1,  # (BLOCK_K,), (HP, BLOCK_K)
+                            k_mask1 & (offs_k1 * 0 + given_raw.to(tl.int32) == 0))  # (a tensor: the interpreter)
         if PRO == 1:  # the norm's weights
             nw_t = tl.load(nw_ptr + offs_k1, mask=k_mask1, other=0.0)
-    # whether the count is given: written by the host's copies (set_budget, set_k) before the graph runs, never by a
-    # kernel of the step, so read before the wait
-    given = tl.load(given_ptr + r) != 0
     if WAIT:  # launched with PDL: x, tau, the force flags and the workspace only after the previous grid completed
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)

@@ -15,8 +15,8 @@ each, at budgets 2 and 4 and k = 2, fp16 and int8 activations; the logits and co
 Part ``attention_router`` (seventeenth session): the same alternation for ``attention_router`` (o_proj's router partials
 and int8 codes computed in the attention's epilogue, 32 launches fewer per step).
 
-Part ``steps``: only the step at budgets 2 and 4, fp16 and int8 activations (median of 5 × 3 × 100 replays), to
-compare two trees run one after the other on one machine.
+Part ``steps``: only the step at budgets 2 and 4 (``STEP_BUDGETS``), fp16 and int8 activations (``STEP_ENGINES``)
+(median of 5 × 3 × 100 replays), to compare two trees run one after the other on one machine.
 
 Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax against the engine's two-stage
 ``greedy``, alternating rounds (int8 engine, budget 2).
@@ -382,9 +382,9 @@ def main():
         if "nopdl" in PARTS:
             nopdl_profile(model, prompt, res, save)
         if "steps" in PARTS:  # the step only, budgets 2 and 4: to compare trees run one after the other
-            for int8 in (False, True):
+            for int8 in (e == "int8" for e in os.environ.get("STEP_ENGINES", "fp16 int8").split()):
                 eng = DecodeEngine(model, 1024, int8_activations=int8)
-                for b in (2.0, 4.0):
+                for b in (float(b) for b in os.environ.get("STEP_BUDGETS", "2 4").split()):
                     eng.set_budget(b)
                     name = f"{'int8' if int8 else 'fp16'}_budget_{b:g}"
                     res["step_ms"][name] = ms = step_ms(eng, prompt, rounds=5)
