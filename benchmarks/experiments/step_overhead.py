@@ -22,7 +22,7 @@ Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax ag
 ``greedy``, alternating rounds (int8 engine, budget 2).
 
 Part ``attn``: the attention kernel's warps and slot block (``ATTN_VARIANTS``), alternating rounds (int8 engine,
-budget 4; the step's graph recaptured per variant).
+budget 4, ``ATTN_BUDGETS``; the step's graph recaptured per variant).
 
 Part ``early`` (fourteenth session): the rotary's cos / sin and the attention's first block of keys and values
 loaded before griddepcontrol.wait (``decode_step.EARLY_LOADS``) off and on, alternating rounds (int8 engine, budgets
@@ -41,8 +41,9 @@ Part ``rwarps``: the router launch's warps (``RWARPS``, default 4 / 2 / 8; add_r
 (int8, budget 4).
 
 Part ``skipglue`` (nineteenth session): at budget 2 (``SKIP_BUDGETS``), the int8 step with its router launches, without
-the down router launch, and without any router launch (stale inputs: timing only), alternating rounds: the most that
-folding the router launches' glue (norms, SiLU·up, int8 codes) into the linears could save where no count is routed.
+the down router launch, without any router launch, and without the attention kernel (stale inputs: timing only),
+alternating rounds: the most that folding the router launches' glue (norms, SiLU·up, int8 codes) into the linears,
+or a faster attention, could save where no count is routed.
 
 Part ``given_graph`` (nineteenth session; needs ``given_graph.patch``, not kept): the same alternation for the engine
 flag ``given_graph`` (int8 engine; budgets 2 and 8 and k = 2, where the given graph replays, and budget 4, where the
@@ -200,8 +201,9 @@ def attn_ab(model, prompt, res, save):
             decode_step.ATTN_WARPS, decode_step.ATTN_SLOTS = warps, slots
         return apply
 
-    ab_rounds(model, prompt, res, save, "attn_ab", 4.0, 2,
-              [(dict(num_warps=w, BLOCK_S=b), use(w, b)) for w, b in ATTN_VARIANTS], use(*shipped))
+    for budget in (float(b) for b in os.environ.get("ATTN_BUDGETS", "4").split()):
+        ab_rounds(model, prompt, res, save, "attn_ab" if budget == 4.0 else f"attn_ab_{budget:g}", budget, 2,
+                  [(dict(num_warps=w, BLOCK_S=b), use(w, b)) for w, b in ATTN_VARIANTS], use(*shipped))
 
 
 def early_ab(model, prompt, res, save):
@@ -271,25 +273,29 @@ def skip_glue_ab(model, prompt, res, save):
     step with them, without the down router launch (SiLU·up and x's int8 codes) and without every router launch
     (also the norms before q/k/v and gate/up), alternating rounds (int8 engine). Without them the linears read
     stale inputs, so the logits are meaningless: this bounds what folding that glue into the linears could save."""
+    from mobiquant.kernels import decode_step
     from mobiquant.kernels import router as router_kernel
 
-    real = router_kernel._route_counts_kernel
+    real, real_attn = router_kernel._route_counts_kernel, decode_step._decode_attention_kernel
 
     class Skip:  # router._launch calls _route_counts_kernel[grid](..., PRO=kind, ...): kinds in `skip` not launched
-        def __init__(self, skip):
-            self.skip = skip
+        def __init__(self, real, skip):
+            self.real, self.skip = real, skip
 
         def __getitem__(self, grid):
-            launch = real[grid]
-            return lambda *a, **kw: None if kw.get("PRO") in self.skip else launch(*a, **kw)
+            launch = self.real[grid]
+            return lambda *a, **kw: None if kw.get("PRO", -1) in self.skip else launch(*a, **kw)
 
-    def use(skip):
-        return lambda: setattr(router_kernel, "_route_counts_kernel", Skip(skip) if skip else real)
+    def use(skip, attn=False):  # attn: the attention kernel not launched either (o_proj then reads stale codes)
+        def apply():
+            router_kernel._route_counts_kernel = Skip(real, skip) if skip else real
+            decode_step._decode_attention_kernel = Skip(real_attn, (-1,)) if attn else real_attn
+        return apply
 
     for budget in SKIP_BUDGETS:
         ab_rounds(model, prompt, res, save, f"skip_glue_ab_{budget:g}", budget, 3,
-                  [(dict(skip="none"), use(())), (dict(skip="down"), use((2,))), (dict(skip="all"), use((1, 2)))],
-                  use(()))
+                  [(dict(skip="none"), use(())), (dict(skip="down"), use((2,))), (dict(skip="all"), use((1, 2))),
+                   (dict(skip="attention"), use((), True))], use(()))
 
 
 def b4_parts(model, prompt, res, save):
