@@ -269,16 +269,17 @@ SKIP_BUDGETS = tuple(float(b) for b in os.environ.get("SKIP_BUDGETS", "2").split
 
 
 def skip_glue_ab(model, prompt, res, save):
-    """What the router launches cost at budgets whose counts are all given (budget 2: every count forced): the
-    step with them, without the down router launch (SiLU·up and x's int8 codes) and without every router launch
-    (also the norms before q/k/v and gate/up), alternating rounds (int8 engine). Without them the linears read
-    stale inputs, so the logits are meaningless: this bounds what folding that glue into the linears could save."""
+    """What the router launches and the attention cost (int8 engine, ``SKIP_BUDGETS``): the step as shipped, without
+    the down router launch (SiLU·up and x's int8 codes), without every router launch (also the norms before q/k/v
+    and gate/up) and without the attention kernel, alternating rounds. Without them the linears read stale inputs,
+    so the logits are meaningless (and at a routed budget the counts too): a bound on what folding that work into
+    other launches could save."""
     from mobiquant.kernels import decode_step
     from mobiquant.kernels import router as router_kernel
 
     real, real_attn = router_kernel._route_counts_kernel, decode_step._decode_attention_kernel
 
-    class Skip:  # router._launch calls _route_counts_kernel[grid](..., PRO=kind, ...): kinds in `skip` not launched
+    class Skip:  # kernel[grid](..., PRO=kind, ...) not launched for kinds in `skip` (-1: a launch without PRO)
         def __init__(self, real, skip):
             self.real, self.skip = real, skip
 
