@@ -181,9 +181,12 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor,
 
 # ------------------------------------------------------------------------------------------ a router's fc1 partial
 @triton.jit
-def fc1_tile(s_ptr, w1_ptr, r, K, H: tl.constexpr, offs_h, offs_k, k_mask):
+def fc1_tile(s_ptr, w1_ptr, r, K, H: tl.constexpr, offs_h, offs_k, k_mask, given):
     """Router r's input scales (BK,) and fc1 columns (HP, BK) fp32 at the in-features offs_k: constants of the model,
-    loaded before griddepcontrol.wait. s (R, K), w1 (R, H, K) (router.py); padded hidden units and in-features 0."""
+    loaded before griddepcontrol.wait. s (R, K), w1 (R, H, K) (router.py); padded hidden units and in-features 0.
+    given: the router's given flag (a scalar): a given router's tile is not read (scales 1, columns 0; ~78 MB a step
+    at LLaMA-3-8B's forced budgets, KERNEL_NOTES.md "Nineteenth session")."""
+    k_mask = k_mask & (offs_k * 0 + given.to(tl.int32) == 0)  # a tensor operand: the interpreter's masks need one
     s_t = tl.load(s_ptr + r * K + offs_k, mask=k_mask, other=1.0).to(tl.float32)
     w_t = tl.load(w1_ptr + r * H * K + offs_h[:, None] * K + offs_k[None, :],
                   mask=(offs_h < H)[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -336,7 +339,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
     if ROUTE:  # o_proj's router: its given flag, and unless given its input scales and fc1 columns for this head
         r_given = tl.load(rgiven_ptr)
         r_s, r_w = fc1_tile(rs_ptr, rw1_ptr, 0, tl.num_programs(0) * DH, RH, tl.arange(0, RHP), h * DH + offs_d,
-                            d_mask & (offs_d * 0 + r_given.to(tl.int32) == 0))  # (a tensor: the interpreter)
+                            d_mask, r_given)
     _pdl_wait_early(PRE, PDL)
     q = tl.load(q_ptr + h * DH + offs_d, mask=d_mask, other=0.0)
     dt = q.dtype

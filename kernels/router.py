@@ -174,8 +174,7 @@ def _route_counts_kernel(
     if ONE_TILE:  # CHUNK <= BLOCK_K: the program's whole fc1 tile and scales, constants, loaded before the wait
         offs_k1 = k_lo + tl.arange(0, BLOCK_K)
         k_mask1 = offs_k1 < k_hi
-        s_t, w_t = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k1,  # (BLOCK_K,), (HP, BLOCK_K)
-                            k_mask1 & (offs_k1 * 0 + given_raw.to(tl.int32) == 0))  # (a tensor: the interpreter)
+        s_t, w_t = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k1, k_mask1, given_raw)  # (BLOCK_K,), (HP, BLOCK_K)
         if PRO == 1:  # the norm's weights
             nw_t = tl.load(nw_ptr + offs_k1, mask=k_mask1, other=0.0)
     if WAIT:  # launched with PDL: x, tau, the force flags and the workspace only after the previous grid completed
@@ -209,7 +208,7 @@ def _route_counts_kernel(
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_hi
-                sv, w = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k, k_mask)
+                sv, w = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k, k_mask, given_raw)
                 acc += fc1_partial(w, tl.load(x_ptr + offs_k, mask=k_mask, other=0.0), sv)
         ws = ws_ptr + r * (SPLIT * HP)  # router r's partials, (SPLIT, HP): row c is program c's
         tl.store(ws + c * HP + offs_h, acc)
