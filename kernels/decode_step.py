@@ -345,8 +345,8 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
     dt = q.dtype
     qf = q.to(tl.float32)
     at_pos = (offs_s == pos)[:, None] & d_mask[None, :]  # slot pos: written by the rotary just before
-    k0 = tl.where(at_pos, tl.load(kbase + tile, mask=at_pos, other=0.0), k0).to(tl.float32)
-    v0 = tl.where(at_pos, tl.load(vbase + tile, mask=at_pos, other=0.0), v0).to(tl.float32)
+    k0 = tl.load(kbase + tile, mask=at_pos, other=k0).to(tl.float32)  # slot pos loaded into k0, no select
+    v0 = tl.load(vbase + tile, mask=at_pos, other=v0).to(tl.float32)
     valid0 = (offs_s >= lo) & (offs_s <= pos)
     sc0 = _attn_scores(k0, qf, valid0, scaling, dt)
     m, l = _attn_max_sum(tl.full((BLOCK_S,), float("-inf"), tl.float32), tl.zeros((BLOCK_S,), tl.float32), sc0)
