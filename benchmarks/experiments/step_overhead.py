@@ -24,6 +24,9 @@ Part ``argmax``: the step's greedy feedback by torch's one-dimensional argmax ag
 Part ``attn``: the attention kernel's warps and slot block (``ATTN_VARIANTS``), alternating rounds (int8 engine,
 budget 4, ``ATTN_BUDGETS``; the step's graph recaptured per variant).
 
+Part ``modab`` (twentieth session): module constants of mobiquant.kernels (``MODAB``: variants of
+"module.NAME=int,...", space-separated), alternating rounds (int8 engine, ``MODAB_BUDGETS``, ``MODAB_ROUNDS``).
+
 Part ``early`` (fourteenth session): the rotary's cos / sin and the attention's first block of keys and values
 loaded before griddepcontrol.wait (``decode_step.EARLY_LOADS``) off and on, alternating rounds (int8 engine, budgets
 2 and 4).
@@ -77,7 +80,7 @@ spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
 PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts,
-# attention_router, rchunk, skipglue, given_graph
+# attention_router, rchunk, skipglue, given_graph, modab
 
 
 def step_ms(eng, prompt, rounds=3):
@@ -217,6 +220,28 @@ def early_ab(model, prompt, res, save):
     for budget in (2.0, 4.0):
         ab_rounds(model, prompt, res, save, f"early_ab_{budget:g}", budget, 3,
                   [(dict(early=on), use(on)) for on in (False, True)], use(True))
+
+
+def module_ab(model, prompt, res, save):
+    """Module constants of mobiquant.kernels in alternating rounds (int8 engine, ``MODAB_BUDGETS``): each variant of
+    ``MODAB`` ("decode_step.ATTN_WARPS=16,decode_step.ATTN_ONE_RED=0 ...", space-separated) is applied, the step's
+    graph recaptured and timed; the constants are restored at the end."""
+    import importlib
+
+    variants = [dict(kv.split("=") for kv in v.split(",")) for v in os.environ["MODAB"].split()]
+    names = {n for v in variants for n in v}
+    mods = {n: importlib.import_module("mobiquant.kernels." + n.split(".")[0]) for n in names}
+    saved = {n: getattr(mods[n], n.split(".")[1]) for n in names}
+
+    def use(v):
+        def apply():
+            for n, x in saved.items():
+                setattr(mods[n], n.split(".")[1], type(x)(int(v[n])) if n in v else x)
+        return apply
+
+    for budget in (float(b) for b in os.environ.get("MODAB_BUDGETS", "2 4").split()):
+        ab_rounds(model, prompt, res, save, f"module_ab_{budget:g}", budget, int(os.environ.get("MODAB_ROUNDS", "2")),
+                  [(dict(v), use(v)) for v in variants], use({}))
 
 
 RWARPS = tuple(int(w) for w in os.environ.get("RWARPS", "4 2 8").split())
@@ -382,6 +407,8 @@ def main():
         if "b4parts" in PARTS:
             b4_parts(model, prompt, res, save)
             torch.cuda.empty_cache()
+        if "modab" in PARTS:
+            module_ab(model, prompt, res, save)
         if "attn" in PARTS:
             attn_ab(model, prompt, res, save)
         if "argmax" in PARTS:
