@@ -224,8 +224,9 @@ def early_ab(model, prompt, res, save):
 
 def module_ab(model, prompt, res, save):
     """Module constants of mobiquant.kernels in alternating rounds (int8 engine, ``MODAB_BUDGETS``): each variant of
-    ``MODAB`` ("decode_step.ATTN_WARPS=16,decode_step.ATTN_ONE_RED=0 ...", space-separated) is applied, the step's
-    graph recaptured and timed; the constants are restored at the end."""
+    ``MODAB`` ("decode_step.ATTN_WARPS=8 decode_step.ATTN_WARPS=16,decode_step.ATTN_SLOTS=64", space-separated;
+    integer or boolean constants) is applied, the step's graph recaptured and timed; the constants are restored at
+    the end. A constant a variant leaves out keeps its shipped value."""
     import importlib
 
     variants = [dict(kv.split("=") for kv in v.split(",")) for v in os.environ["MODAB"].split()]
