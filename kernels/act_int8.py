@@ -67,16 +67,24 @@ def dequantize_x_int8(xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def quantize_groups(x, q_ptr, s_ptr, k0, dest_ptr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+def byte_cols(dest_ptr, GROUP: tl.constexpr):
+    """(GROUP,) int32: the byte of a group's in-feature i in the kernel's order. dest_ptr: XDEST (16,) int32. A
+    constant: the kernels launched with PDL load it before their griddepcontrol.wait, so that the codes' stores do
+    not wait on it after (KERNEL_NOTES.md, "Twentieth session")."""
+    i = tl.arange(0, GROUP)
+    return (i // 16) * 16 + tl.load(dest_ptr + i % 16)
+
+
+@triton.jit
+def quantize_groups(x, q_ptr, s_ptr, k0, col, GROUPS: tl.constexpr, GROUP: tl.constexpr):
     """x (GROUPS * GROUP,): one token's in-features k0, k0 + 1, ... (k0 a multiple of GROUP). Stores their int8
     codes in the kernel's byte order at q_ptr + k0 (int8 pointer) and (sx, SX) per group at s_ptr + 2 (k0 / GROUP).
-    dest_ptr: XDEST (16,) int32. Shared by the quantizer launch below and the router (router.py, QUANT)."""
+    col: ``byte_cols(XDEST, GROUP)``. Shared by the quantizer launch below, the router (router.py, QUANT) and the
+    attention's epilogue (decode_step.py)."""
     xg = tl.reshape(x.to(tl.float32), (GROUPS, GROUP))
     amax = tl.maximum(tl.max(tl.abs(xg), axis=1), _TINY_F)  # (GROUPS,)
     q = tl.floor(xg * tl.math.div_rn(_QMAX_F, amax)[:, None] + 0.5)
     q = tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)  # (GROUPS, GROUP)
-    i = tl.arange(0, GROUP)
-    col = (i // 16) * 16 + tl.load(dest_ptr + i % 16)  # byte of in-feature i within its group
     gi = tl.arange(0, GROUPS)
     tl.store(q_ptr + k0 + gi[:, None] * GROUP + col[None, :], q.to(tl.int8))
     sp = s_ptr + (k0 // GROUP + gi) * 2
@@ -90,7 +98,7 @@ def _quantize_x_kernel(x_ptr, q_ptr, s_ptr, dest_ptr, K, G, stride_xm, GROUP: tl
     m = tl.program_id(0)
     gi = tl.program_id(1)
     x = tl.load(x_ptr + m * stride_xm + gi * GROUP + tl.arange(0, GROUP))
-    quantize_groups(x, q_ptr + m * K, s_ptr + m * G * 2, gi * GROUP, dest_ptr, 1, GROUP)
+    quantize_groups(x, q_ptr + m * K, s_ptr + m * G * 2, gi * GROUP, byte_cols(dest_ptr, GROUP), 1, GROUP)
 
 
 _DEST: dict[torch.device, torch.Tensor] = {}
@@ -134,5 +142,5 @@ def check_x_int8(x_int8: tuple[torch.Tensor, torch.Tensor], M: int, K: int, grou
                          f"{tuple(xs.shape)} {xs.dtype}")
 
 
-__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "quantize_groups", "check_x_int8", "xdest",
-           "XPERM", "QMAX"]
+__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "quantize_groups", "byte_cols",
+           "check_x_int8", "xdest", "XPERM", "QMAX"]

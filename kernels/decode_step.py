@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_int8 import quantize_groups, xdest
+from .act_int8 import byte_cols, quantize_groups, xdest
 
 PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
 # the norm weights, the rotary's cos / sin rows and the attention's first block of keys and values loaded before
@@ -340,6 +340,8 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
         r_given = tl.load(rgiven_ptr)
         r_s, r_w = fc1_tile(rs_ptr, rw1_ptr, 0, tl.num_programs(0) * DH, RH, tl.arange(0, RHP), h * DH + offs_d,
                             d_mask, r_given)
+    if QUANT:  # the codes' byte order, a constant
+        col = byte_cols(dest_ptr, DH)
     _pdl_wait_early(PRE, PDL)
     q = tl.load(q_ptr + h * DH + offs_d, mask=d_mask, other=0.0)
     dt = q.dtype
@@ -372,7 +374,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, S, WINDOW, s
     o = acc.to(dt)
     tl.store(o_ptr + h * DH + offs_d, o, mask=d_mask)
     if QUANT:
-        quantize_groups(o, xq_ptr, xs_ptr, h * DH, dest_ptr, 1, DH)
+        quantize_groups(o, xq_ptr, xs_ptr, h * DH, col, 1, DH)
     if ROUTE:
         if r_given == 0:
             tl.store(rws_ptr + h * RHP + tl.arange(0, RHP), fc1_partial(r_w, o, r_s))

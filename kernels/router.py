@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_int8 import check_x_int8, quantize_groups, xdest
+from .act_int8 import byte_cols, check_x_int8, quantize_groups, xdest
 from .decode_step import (
     ASM_GDC_LAUNCH,
     ASM_GDC_WAIT,
@@ -177,6 +177,8 @@ def _route_counts_kernel(
         s_t, w_t = fc1_tile(s_ptr, w1_ptr, r, K, H, offs_h, offs_k1, k_mask1, given_raw)  # (BLOCK_K,), (HP, BLOCK_K)
         if PRO == 1:  # the norm's weights
             nw_t = tl.load(nw_ptr + offs_k1, mask=k_mask1, other=0.0)
+    if QUANT:  # the codes' byte order, a constant
+        col = byte_cols(dest_ptr, 128)
     if WAIT:  # launched with PDL: x, tau, the force flags and the workspace only after the previous grid completed
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [tl.full((1,), 0, tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
@@ -195,7 +197,7 @@ def _route_counts_kernel(
             xv = tl.load(x_ptr + offs_k1, mask=k_mask1, other=0.0)
         if QUANT:  # router 0's programs also write x's int8 codes for the linear after them (groups of 128)
             if r == 0:
-                quantize_groups(xv, xq_ptr, xs_ptr, k_lo, dest_ptr, BLOCK_K // 128, 128)
+                quantize_groups(xv, xq_ptr, xs_ptr, k_lo, col, BLOCK_K // 128, 128)
     if given:  # uniform / random modes, routerless linears: no fc1 to stream
         if FINISH:
             if c == 0:
