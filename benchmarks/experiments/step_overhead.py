@@ -189,37 +189,44 @@ def argmax_ab(model, prompt, res, save):
               use(two_stage))
 
 
+def constants_ab(model, prompt, res, save, key, budget, rounds, variants):
+    """``ab_rounds`` over module constants of mobiquant.kernels: variants (row fields, {"module.NAME": value}); each
+    applies its values (the other constants named by any variant keep their shipped values), and the shipped values
+    are restored at the end."""
+    import importlib
+
+    names = {n for _, vals in variants for n in vals}
+    mods = {n: importlib.import_module("mobiquant.kernels." + n.split(".")[0]) for n in names}
+    shipped = {n: getattr(mods[n], n.split(".")[1]) for n in names}
+
+    def use(vals):
+        def apply():
+            for n, x in shipped.items():
+                setattr(mods[n], n.split(".")[1], type(x)(vals[n]) if n in vals else x)
+        return apply
+
+    ab_rounds(model, prompt, res, save, key, budget, rounds, [(fields, use(vals)) for fields, vals in variants],
+              use({}))
+
+
 ATTN_VARIANTS = tuple(tuple(int(a) for a in v.split(",")) for v in os.environ.get(
     "ATTN_VARIANTS", "4,64 2,64 8,64 4,32 2,32 8,128").split())  # (num_warps, slots a block); 4,64: the old tile
 
 
 def attn_ab(model, prompt, res, save):
     """The attention kernel's warps and slots a block (decode_step.ATTN_WARPS, ATTN_SLOTS; budget 4)."""
-    from mobiquant.kernels import decode_step
-
-    shipped = decode_step.ATTN_WARPS, decode_step.ATTN_SLOTS
-
-    def use(warps, slots):
-        def apply():
-            decode_step.ATTN_WARPS, decode_step.ATTN_SLOTS = warps, slots
-        return apply
-
     for budget in (float(b) for b in os.environ.get("ATTN_BUDGETS", "4").split()):
-        ab_rounds(model, prompt, res, save, "attn_ab" if budget == 4.0 else f"attn_ab_{budget:g}", budget, 2,
-                  [(dict(num_warps=w, BLOCK_S=b), use(w, b)) for w, b in ATTN_VARIANTS], use(*shipped))
+        constants_ab(model, prompt, res, save, "attn_ab" if budget == 4.0 else f"attn_ab_{budget:g}", budget, 2,
+                     [(dict(num_warps=w, BLOCK_S=b), {"decode_step.ATTN_WARPS": w, "decode_step.ATTN_SLOTS": b})
+                      for w, b in ATTN_VARIANTS])
 
 
 def early_ab(model, prompt, res, save):
     """The rotary's and the attention's loads before griddepcontrol.wait (decode_step.EARLY_LOADS) off and on, at
     budgets 2 and 4."""
-    from mobiquant.kernels import decode_step
-
-    def use(on):
-        return lambda: setattr(decode_step, "EARLY_LOADS", on)
-
     for budget in (2.0, 4.0):
-        ab_rounds(model, prompt, res, save, f"early_ab_{budget:g}", budget, 3,
-                  [(dict(early=on), use(on)) for on in (False, True)], use(True))
+        constants_ab(model, prompt, res, save, f"early_ab_{budget:g}", budget, 3,
+                     [(dict(early=on), {"decode_step.EARLY_LOADS": on}) for on in (False, True)])
 
 
 def module_ab(model, prompt, res, save):
@@ -227,22 +234,11 @@ def module_ab(model, prompt, res, save):
     ``MODAB`` ("decode_step.ATTN_WARPS=8 decode_step.ATTN_WARPS=16,decode_step.ATTN_SLOTS=64", space-separated;
     integer or boolean constants) is applied, the step's graph recaptured and timed; the constants are restored at
     the end. A constant a variant leaves out keeps its shipped value."""
-    import importlib
-
     variants = [dict(kv.split("=") for kv in v.split(",")) for v in os.environ["MODAB"].split()]
-    names = {n for v in variants for n in v}
-    mods = {n: importlib.import_module("mobiquant.kernels." + n.split(".")[0]) for n in names}
-    saved = {n: getattr(mods[n], n.split(".")[1]) for n in names}
-
-    def use(v):
-        def apply():
-            for n, x in saved.items():
-                setattr(mods[n], n.split(".")[1], type(x)(int(v[n])) if n in v else x)
-        return apply
-
     for budget in (float(b) for b in os.environ.get("MODAB_BUDGETS", "2 4").split()):
-        ab_rounds(model, prompt, res, save, f"module_ab_{budget:g}", budget, int(os.environ.get("MODAB_ROUNDS", "2")),
-                  [(dict(v), use(v)) for v in variants], use({}))
+        constants_ab(model, prompt, res, save, f"module_ab_{budget:g}", budget,
+                     int(os.environ.get("MODAB_ROUNDS", "2")),
+                     [(dict(v), {n: int(x) for n, x in v.items()}) for v in variants])
 
 
 RWARPS = tuple(int(w) for w in os.environ.get("RWARPS", "4 2 8").split())
@@ -250,17 +246,8 @@ RWARPS = tuple(int(w) for w in os.environ.get("RWARPS", "4 2 8").split())
 
 def router_warps_ab(model, prompt, res, save):
     """The router launch's warps (and add_rms_norm's, which must match: decode_step.NORM_WARPS; budget 4)."""
-    from mobiquant.kernels import decode_step
-    from mobiquant.kernels import router as router_kernel
-
-    def use(warps):
-        def apply():
-            decode_step.NORM_WARPS = router_kernel.NORM_WARPS = warps
-        return apply
-
-    shipped = decode_step.NORM_WARPS
-    ab_rounds(model, prompt, res, save, "router_warps_ab", 4.0, 2,
-              [(dict(num_warps=w), use(w)) for w in RWARPS], use(shipped))
+    constants_ab(model, prompt, res, save, "router_warps_ab", 4.0, 2,
+                 [(dict(num_warps=w), {"decode_step.NORM_WARPS": w, "router.NORM_WARPS": w}) for w in RWARPS])
 
 
 RCHUNKS = tuple(os.environ.get("RCHUNKS", "256 512 1024").split())  # "a" or "a,b": a up to K = 4096, b past it
