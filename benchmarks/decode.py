@@ -184,8 +184,9 @@ def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: in
                      ) -> DecodeEngine:
     """A second engine with ``int8_activations``: tok/s at every budget, and its first decode step against the
     fp16-activation engine's: at k = 2 for every linear (the same weights, only x rounded) and at budget 4, where a
-    router after the first block may flip a count when its score lies within the rounding's effect of τ.
-    Returns the engine."""
+    router after the first block may flip a count when its score lies within the rounding's effect of τ; its
+    budget switch (``switch_latency``: with ``norm_fold`` the forced budgets replay a second graph). Returns the
+    engine."""
     t0 = time.perf_counter()
     eng8 = DecodeEngine(model, max_len, int8_activations=True)
     rows["engine_int8_act_build_s"] = time.perf_counter() - t0
@@ -193,6 +194,8 @@ def int8_engine_rows(model, eng: DecodeEngine, prompt: torch.Tensor, max_len: in
     res["check_int8_act"] = {name: first_step_check(eng, eng8, prompt, setup) for name, setup in setups}
     log("int8 activations vs fp16, first decode step:", res["check_int8_act"])
     budget_rows(eng8, "engine_int8_act", prompt, args, rows)
+    rows["switch_int8_act"] = switch_latency(eng8, prompt)  # two graphs (norm_fold): a switch picks one
+    log("switch, int8 activations", rows["switch_int8_act"])
     return eng8
 
 
@@ -667,10 +670,12 @@ def main():
     for name, r in rows.items():
         if isinstance(r, dict) and "tok_s" in r:
             log(f"| {name} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r.get('bits', float('nan')):.3f} |")
-    s = rows["switch"]
-    log(f"budget switch: set_budget {s['set_budget_host_ms']:.3f} ms host (max {s['set_budget_host_ms_max']:.3f}); "
-        f"first step after switch {s['first_step_after_switch_ms']:.3f} ms vs steady {s['steady_step_ms']:.3f} ms; "
-        f"captures {s['captures_before']} -> {s['captures_after']}")
+    for key, name in (("switch", "budget switch"), ("switch_int8_act", "budget switch, int8 activations")):
+        s = rows.get(key)
+        if s is not None:
+            log(f"{name}: set_budget {s['set_budget_host_ms']:.3f} ms host (max {s['set_budget_host_ms_max']:.3f}); "
+                f"first step after switch {s['first_step_after_switch_ms']:.3f} ms vs steady "
+                f"{s['steady_step_ms']:.3f} ms; captures {s['captures_before']} -> {s['captures_after']}")
     save()
 
 

@@ -200,6 +200,56 @@ def fc1_partial(w_t, xv, s_t):
     return tl.sum(w_t * (xv.to(tl.float32) / s_t)[None, :], axis=1)
 
 
+@triton.jit
+def norm_fold_fc1(s_ptr, w1_ptr, t, K, g0, g1, g2, R: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """The fc1 tiles (decode_step.fc1_tile) of up to 3 routers over group t (R = 0: none), none read for a router
+    whose given flag (g0, g1, g2) is set: loaded by norm_fold_tile's caller before the split-K sums, so that they
+    come in the same round trip."""
+    offs = t * GROUP + tl.arange(0, GROUP)
+    offs_h = tl.arange(0, HP)
+    s0 = 0
+    w0 = 0
+    if R > 0:
+        s0, w0 = fc1_tile(s_ptr, w1_ptr, 0, K, H, offs_h, offs, offs < K, g0)
+    s1, w1 = s0, w0
+    s2, w2 = s0, w0
+    if R > 1:
+        s1, w1 = fc1_tile(s_ptr, w1_ptr, 1, K, H, offs_h, offs, offs < K, g1)
+    if R > 2:
+        s2, w2 = fc1_tile(s_ptr, w1_ptr, 2, K, H, offs_h, offs, offs < K, g2)
+    return s0, w0, s1, w1, s2, w2
+
+
+@triton.jit
+def norm_fold_tile(y, t, h, w, col, fc1, g0, g1, g2, h_ptr, xq_ptr, xs_ptr, ss_ptr, ws_ptr, K,
+                   R: tl.constexpr, HP: tl.constexpr, GROUP: tl.constexpr):
+    """Group t of the next norm's input from y (GROUP,) fp32, a linear's output rows [t GROUP, (t + 1) GROUP):
+    router.NormFold's step (the residual add, stored in place, the int8 codes of w * h, the sum of squares, the
+    fc1 partials of the R <= 3 routers whose count is not given). Run by the tile's last split (sliced_gemv_cc's
+    fold=). h, w: the tile's h (loaded after the PDL wait) and norm weights; col: ``byte_cols``; fc1:
+    ``norm_fold_fc1``'s tiles; every load is the caller's, so that nothing here waits on memory behind a store."""
+    offs = t * GROUP + tl.arange(0, GROUP)
+    hn = (h.to(tl.float32) + y.to(tl.float16).to(tl.float32)).to(tl.float16)
+    hf = hn.to(tl.float32)
+    v = w.to(tl.float32) * hf
+    s0, w0, s1, w1, s2, w2 = fc1
+    T = K // GROUP
+    offs_h = tl.arange(0, HP)
+    if R > 0:
+        if g0 == 0:
+            tl.store(ws_ptr + t * HP + offs_h, fc1_partial(w0, v, s0))
+    if R > 1:
+        if g1 == 0:
+            tl.store(ws_ptr + (T + t) * HP + offs_h, fc1_partial(w1, v, s1))
+    if R > 2:
+        if g2 == 0:
+            tl.store(ws_ptr + (2 * T + t) * HP + offs_h, fc1_partial(w2, v, s2))
+    tl.store(h_ptr + offs, hn)
+    quantize_groups(v, xq_ptr, xs_ptr, t * GROUP, col, 1, GROUP)
+    tl.store(ss_ptr + t, tl.sum(hf * hf, axis=0))
+
+
 # ------------------------------------------------------------------------------------------ rotary + cache write
 # a * c + b * s with each product and the sum rounded to fp16, in PTX (fp32 in and out)
 ASM_ROPE_F16 = tl.constexpr(

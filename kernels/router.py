@@ -120,7 +120,8 @@ def sum_partials(ws_r, HP: tl.constexpr, SPLIT: tl.constexpr, CG: tl.constexpr):
 
 @triton.jit
 def route_finish(ws_r, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, r, H: tl.constexpr, EM1: tl.constexpr,
-                 HP: tl.constexpr, SPLIT: tl.constexpr, CG: tl.constexpr, RN: tl.constexpr):
+                 HP: tl.constexpr, SPLIT: tl.constexpr, CG: tl.constexpr, RN: tl.constexpr, scale=1.0,
+                 SCALED: tl.constexpr = False):
     """Router r's count (int32 scalar) from its fc1 partials: their sum, b1, SiLU, fc2, the thresholds, the nested
     count. Shared by the router's finishing program and v7's ROUTE prologue, so both give the same count from the
     same partials: every tensor here is one-dimensional (HP,) and comes from a plain load, so it gets the same layout
@@ -128,10 +129,15 @@ def route_finish(ws_r, b1_ptr, w2_ptr, b2_ptr, tau_ptr, on_ptr, off_ptr, r, H: t
     one reduction per score, tl.sum over the HP elements, runs the same shuffle tree in both. Its products are
     rounded by an explicit mul.rn (RN, on the GPU): a product contracted into the first shuffle's add would make
     the butterfly asymmetric, so that the threads of one program could disagree on a score next to τ (seen on the
-    H100: counts equal, some rows of v7 at another k)."""
+    H100: counts equal, some rows of v7 at another k).
+    SCALED: the partials are fc1 over x / rstd (``NormFold``, the norm's 1 / rms not yet applied): their sum is
+    multiplied by ``scale`` (rstd) before b1."""
     offs_h = tl.arange(0, HP)
     h_mask = offs_h < H
-    h = sum_partials(ws_r, HP, SPLIT, CG) + tl.load(b1_ptr + r * H + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    acc = sum_partials(ws_r, HP, SPLIT, CG)
+    if SCALED:
+        acc = acc * scale
+    h = acc + tl.load(b1_ptr + r * H + offs_h, mask=h_mask, other=0.0).to(tl.float32)
     h = h / (1.0 + tl.exp(-h))  # SiLU; padded units stay 0
     tau = tl.load(tau_ptr + r)
     count = tl.full((), 1, tl.int32)
@@ -352,6 +358,8 @@ class RoutePlan:
     r_off: int = 0
     x: torch.Tensor | None = None  # the launch's input (K,): x, or what its prologue computed (norm=, silu=)
     h: torch.Tensor | None = None  # norm=: h + r (K,), the residual stream after the add
+    rstd: tuple | None = None  # (ss (T,) fp32, eps): x is the norm's input times its weight, its 1 / rms not applied
+    # (NormFold): the linear finishes rstd = 1 / sqrt(sum(ss) / K + eps) and scales its sums and fc1's by it
 
     def args(self) -> list:
         return [self.ws, self.b1, self.w2, self.b2, self.tau, _i8(self.force_on), _i8(self.force_off),
@@ -388,6 +396,70 @@ def route_partials(x: torch.Tensor | None, s: torch.Tensor, w1: torch.Tensor, b1
                      x=x if pro is None else pro.x_out, h=None if pro is None else pro.h_out)
 
 
+_FOLD_SCRATCH: dict = {}
+
+
+@dataclass
+class NormFold:
+    """The add + RMSNorm, int8 codes and router fc1 partials of a group's input (q/k/v, gate/up), computed by the
+    linear before it (o_proj, down_proj: ``sliced_gemv_cc(..., fold=)``) in the last split of each tile of 128
+    rows, so that no router launch runs between them. Per tile t (group t of the next input):
+
+        h[t] += y[t]                            in place, rounded to fp16 as torch's h + r
+        v = w[t] * h[t]                         fp32: the norm's output times rms(h), the same in every group
+        xq, (sx, SX) = int8 codes of v          act_int8's rounding; sx carries no 1 / rms
+        ss[t] = sum h[t]^2                      fp32
+        ws[r, t] = fc1_r partial over v / s_r   each router r of the group whose count is not given
+
+    ``plan`` is the group's RoutePlan: its launch (``sliced_gemv_cc(h, ..., route=plan, x_int8=(xq, xs))``) sums ss
+    in a fixed order, rstd = 1 / sqrt(sum / K + eps), and multiplies its dot products and fc1's sums by rstd, which
+    is exact algebra: every group's codes scale by the same factor. The numerics differ from the router launch's
+    norm prologue only in roundings (v is not rounded to fp16 before its codes, and fc1 sums over 128-feature
+    partials)."""
+
+    h: torch.Tensor
+    w: torch.Tensor
+    eps: float
+    xq: torch.Tensor
+    xs: torch.Tensor
+    ss: torch.Tensor
+    s: torch.Tensor
+    w1: torch.Tensor
+    given: torch.Tensor
+    ws: torch.Tensor
+    plan: RoutePlan
+    routed: bool = True  # False: no router partials (the all-given modes' graph, DecodeEngine.norm_fold)
+
+
+FOLD_GROUP = 128  # features per tile of the linear that computes a NormFold: one int8 group
+
+
+def norm_fold(h: torch.Tensor, w: torch.Tensor, eps: float, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+              w2: torch.Tensor, b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
+              given: torch.Tensor, counts_in: torch.Tensor, out: torch.Tensor,
+              x_int8: tuple[torch.Tensor, torch.Tensor], routed: bool = True) -> NormFold:
+    """A ``NormFold`` for the group whose routers are (s, w1, ..., counts_in) and whose input is w * rmsnorm(h + y),
+    y the output of the linear launched with ``fold=`` (h: (K,) fp16, updated in place there). x_int8: the codes'
+    buffers (not the ones the folding linear reads: it writes these while its other tiles still read its own).
+    The workspace (ss, ws) is this module's, shared by every fold: the group's launch must run before the next
+    folding linear (in one stream, with PDL or not, it does). routed False: the fold stores no router partials
+    (every count of the group must then be given)."""
+    R, H, K = w1.shape
+    if h.numel() != K or w.numel() != K or h.dtype != torch.float16 or not (h.is_contiguous() and w.is_contiguous()):
+        raise ValueError(f"norm_fold: h and w must be {K} contiguous features, h fp16; got {tuple(h.shape)} "
+                         f"{h.dtype}, {tuple(w.shape)}")
+    if K % FOLD_GROUP or H > 64:
+        raise ValueError(f"norm_fold: K ({K}) a multiple of {FOLD_GROUP}, router hidden size at most 64")
+    check_x_int8(x_int8, 1, K, FOLD_GROUP, h.device)
+    _shapes(None, s, w1, w2, tau, counts_in, FOLD_GROUP, "norm_fold")
+    T, HP = K // FOLD_GROUP, max(triton.next_power_of_2(H), 2)
+    buf, _ = _scratch(h.device, R * T * HP + T, 1, store=_FOLD_SCRATCH)
+    ws, ss = buf[:R * T * HP], buf[R * T * HP:R * T * HP + T]
+    plan = RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out,
+                     dict(H=H, EM1=w2.shape[1], HP=HP, SPLIT=T), x=h, h=h, rstd=(ss, float(eps)))
+    return NormFold(h, w, float(eps), x_int8[0], x_int8[1], ss, s, w1, given, ws, plan, routed)
+
+
 def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, window: int,
                     scaling: float, s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                     b2: torch.Tensor, tau: torch.Tensor, force_on: torch.Tensor, force_off: torch.Tensor,
@@ -422,4 +494,5 @@ def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                      dict(H=H, EM1=w2.shape[1], HP=HP, SPLIT=split), x=o)
 
 
-__all__ = ["route_counts", "route_partials", "route_attention", "RoutePlan", "CHUNK_K", "default_chunk"]
+__all__ = ["route_counts", "route_partials", "route_attention", "norm_fold", "NormFold", "RoutePlan", "CHUNK_K",
+           "default_chunk"]

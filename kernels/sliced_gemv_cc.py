@@ -92,11 +92,20 @@ import triton
 import triton.language as tl
 
 from ._tile import load_planes, merge_planes_ptx
-from .act_int8 import check_x_int8
+from .act_int8 import byte_cols, check_x_int8, xdest
 from .bulk_ring import ring_base, ring_init, ring_issue, ring_stages, ring_sz, ring_wait, ring_words
-from .decode_step import ASM_GDC_LAUNCH, ASM_GDC_WAIT, _pdl_launch, _sm90, rope_kv, rope_term
+from .decode_step import (
+    ASM_GDC_LAUNCH,
+    ASM_GDC_WAIT,
+    _pdl_launch,
+    _sm90,
+    norm_fold_fc1,
+    norm_fold_tile,
+    rope_kv,
+    rope_term,
+)
 from .layout import PackedSlices
-from .router import RoutePlan, route_finish
+from .router import FOLD_GROUP, NormFold, RoutePlan, route_finish
 from .sliced_gemv import _check_args, _scratch, fill_split_k, split_count
 from .tuning import lookup
 
@@ -822,12 +831,14 @@ def _sliced_gemv_cc_kernel(
     w1_ptr, s1_ptr, z1_ptr, N1, plane_stride1, w2_ptr, s2_ptr, z2_ptr, N2, plane_stride2,
     rws_ptr, rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr, rgiven_ptr, rcin_ptr, rout_ptr, R_OFF,
     rp_cos, rp_sin, rp_pos, rp_kc, rp_vc, rp_q, RP_S,
+    fd_h, fd_w, fd_q, fd_xs, fd_ss, fd_s, fd_w1, fd_given, fd_ws, fd_dest, rs_ss, rs_eps,
     E: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
     SPLIT_K12: tl.constexpr,
     USE_ASM: tl.constexpr, PF: tl.constexpr, GPK: tl.constexpr, PDL: tl.constexpr,
     NSEG: tl.constexpr, ROUTE: tl.constexpr, RH: tl.constexpr, REM1: tl.constexpr, RHP: tl.constexpr,
     RSPLIT: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr, RING: tl.constexpr, RS: tl.constexpr,
-    REARLY: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
+    REARLY: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr, FOLD: tl.constexpr, FR: tl.constexpr,
+    FH: tl.constexpr, FHP: tl.constexpr, RSTD: tl.constexpr,
 ):
     """x_ptr: x as int32 pairs (M, K/2), or with A8 the int8 activation words (M, K/4) and xs_ptr their (sx, SX)
     (M, G, 2) (act_int8.py); stride_xm in int32 units.
@@ -843,7 +854,13 @@ def _sliced_gemv_cc_kernel(
 
     ROPE (q/k/v, NSEG = 3, one token, split-K, tiles of whole heads of HD features): the rotary and cache write of
     decode_step.rope_kv done by each tile's last split (``_rope_tile``) in place of the store of y: q rotated into
-    rp_q (H, HD), k rotated and v into the caches rp_kc, rp_vc (KV, RP_S, HD) at slot rp_pos."""
+    rp_q (H, HD), k rotated and v into the caches rp_kc, rp_vc (KV, RP_S, HD) at slot rp_pos.
+
+    FOLD (one weight, one token, tiles of GROUP rows): each tile's last split computes router.NormFold's step for
+    the next group's input (decode_step.norm_fold_tile, fd_*: h, the norm weight, the codes' buffers, the sums of
+    squares, the next group's FR routers' scales, fc1 and given flags, their partials) instead of storing y.
+    RSTD > 0 (with ROUTE): x is such a fold's output; the program sums its RSTD sums of squares (rs_ss) into
+    rstd = 1 / sqrt(sum / K + rs_eps) and scales its dot products and the routers' fc1 sums by it."""
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -895,6 +912,21 @@ def _sliced_gemv_cc_kernel(
         r = R_OFF + seg
         r_given = tl.load(rgiven_ptr + r) != 0
         r_cin = tl.load(rcin_ptr + r)
+    f_w = 0
+    f_col = 0
+    f_h = 0
+    f_g0 = 1
+    f_g1 = 1
+    f_g2 = 1
+    if FOLD:  # the fold's constants (norm weights, given flags, byte order), before the PDL wait
+        f_w = tl.load(fd_w + offs_n)
+        f_col = byte_cols(fd_dest, GROUP)
+        if FR > 0:
+            f_g0 = tl.load(fd_given)
+        if FR > 1:
+            f_g1 = tl.load(fd_given + 1)
+        if FR > 2:
+            f_g2 = tl.load(fd_given + 2)
     if PDL:
         # Programmatic dependent launch: this program may start while the previous kernel still runs. Before the
         # wait it touches only the weights (never written by a kernel): plane 1, which every k reads, is requested
@@ -910,6 +942,11 @@ def _sliced_gemv_cc_kernel(
         one = tl.full((1,), 0, tl.int32)
         tl.inline_asm_elementwise(ASM_GDC_LAUNCH, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(ASM_GDC_WAIT, "=r,r", [one], dtype=tl.int32, is_pure=False, pack=1)
+    if FOLD:  # the tile's h, for its last split (written by an earlier kernel of the step)
+        f_h = tl.load(fd_h + offs_n)
+    rstd = 1.0
+    if RSTD > 0:  # a fold's sums of squares, right after the wait: in flight with the first activations
+        rstd = _rstd(rs_ss, rs_eps, G * GROUP, RSTD)
     if REARLY:  # the split's first activations, before k is read (the split-K ranges do not depend on k here)
         x_first = _ring_x(xi_base, xs_ptr + m * G * 2, g_lo, tl.arange(0, 4), A8)
     else:
@@ -921,7 +958,7 @@ def _sliced_gemv_cc_kernel(
             cnt = r_cin
         else:
             cnt = route_finish(rws_ptr + r * (RSPLIT * RHP), rb1_ptr, rw2_ptr, rb2_ptr, rtau_ptr, ron_ptr, roff_ptr,
-                               r, RH, REM1, RHP, RSPLIT, False, USE_ASM)
+                               r, RH, REM1, RHP, RSPLIT, False, USE_ASM, rstd, RSTD > 0)
         if (pid_n == 0) & (pid_k == 0):
             tl.store(rout_ptr + r, cnt)
         kt = tl.minimum(tl.maximum(cnt, 1), E)
@@ -939,7 +976,10 @@ def _sliced_gemv_cc_kernel(
             ring_init(ring, RS)
         _finish_tile(w_row, w_row1, xi_base, xs_ptr + m * G * 2, s_row, z_row, n_mask, g_lo, g_hi, N, plane_stride,
                      kt, y_ptr, ws_ptr, cnt_ptr, m * stride_ym + row0 + offs_n, m * n_tiles + pid_g, pid_k, nsplit, E,
-                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY, rope, ROPE, HD)
+                     BLOCK_N, GPI, SPLIT_K, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY, rope, ROPE, HD,
+                     rstd, RSTD,
+                     (f_h, f_w, f_col, f_g0, f_g1, f_g2, fd_h, fd_q, fd_xs, fd_ss, fd_s, fd_w1, fd_ws, pid_n, N),
+                     FOLD, FR, FH, FHP, GROUP)
 
 
 @triton.jit
@@ -948,10 +988,12 @@ def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_
                  GPI: tl.constexpr, SPLIT_K: tl.constexpr, GPK: tl.constexpr, WPG: tl.constexpr,
                  USE_ASM: tl.constexpr, PF: tl.constexpr, MMA: tl.constexpr, A8: tl.constexpr, rtile,
                  RING: tl.constexpr, RS: tl.constexpr, REARLY: tl.constexpr, rope, ROPE: tl.constexpr,
-                 HD: tl.constexpr):
+                 HD: tl.constexpr, rs, RSTD: tl.constexpr, fold, FOLD: tl.constexpr, FR: tl.constexpr,
+                 FH: tl.constexpr, FHP: tl.constexpr, GROUP: tl.constexpr):
     """The program's rows at kt slices over groups [g_lo, g_hi), then its share of the split-K reduction: the
     last of the tile's nsplit programs to arrive sums the partials and stores y (y_off: the rows' offsets in y),
-    or with ROPE rotates them into q and the caches (``_rope_tile``)."""
+    or with ROPE rotates them into q and the caches (``_rope_tile``), or with FOLD computes the next group's input
+    (``norm_fold_tile``). RSTD: the sums are scaled by rs (the fold's rstd) first."""
     yv = tl.zeros((BLOCK_N,), tl.float32)
     if kt == 1:
         yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
@@ -969,23 +1011,53 @@ def _finish_tile(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_
             yv = _row_dots(w_row, w_row1, xi_base, xs_base, s_row, z_row, n_mask, g_lo, g_hi, N,
                            plane_stride, 4, GPI, GPK, WPG, USE_ASM, PF, MMA, A8, rtile, RING, RS, REARLY)
     yv = yv * 16.0
+    if RSTD > 0:
+        yv = yv * rs
     y_ptrs = y_ptr + y_off
     if SPLIT_K == 1:
-        tl.store(y_ptrs, yv.to(tl.float16), mask=n_mask)
+        if FOLD:
+            _fold_tile(yv, fold, _fold_fc1(fold, FR, FH, FHP, GROUP), FR, FHP, GROUP)
+        else:
+            tl.store(y_ptrs, yv.to(tl.float16), mask=n_mask)
     else:
         ws = ws_ptr + tile * (SPLIT_K * BLOCK_N) + tl.arange(0, BLOCK_N)
         tl.store(ws + pid_k * BLOCK_N, yv)
         tl.debug_barrier()  # every thread's partial is written before the counter is released
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == nsplit - 1:  # last split of this tile: reduce and reset the counter
+            if FOLD:  # the routers' fc1 tiles: in the same round trip as the partials
+                fc1 = _fold_fc1(fold, FR, FH, FHP, GROUP)
             tot = tl.zeros((BLOCK_N,), tl.float32)
             for sp in range(nsplit):
                 tot += tl.load(ws + sp * BLOCK_N, cache_modifier=".cg")
             if ROPE:
                 _rope_tile(tot, ws, nsplit, rope, n_mask, BLOCK_N, HD, USE_ASM)
+            elif FOLD:
+                _fold_tile(tot, fold, fc1, FR, FHP, GROUP)
             else:
                 tl.store(y_ptrs, tot.to(tl.float16), mask=n_mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _rstd(ss_ptr, eps, K, T: tl.constexpr):
+    """1 / sqrt(sum of the T sums of squares / K + eps) (a NormFold's), summed in a fixed order."""
+    ssum = tl.load(ss_ptr)
+    for t in tl.static_range(1, T):
+        ssum += tl.load(ss_ptr + t)
+    return tl.math.rsqrt(ssum / K + eps)
+
+
+@triton.jit
+def _fold_fc1(fold, FR: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, GROUP: tl.constexpr):
+    h, w, col, g0, g1, g2, h_ptr, q, xs, ss, s, w1, ws, t, K = fold
+    return norm_fold_fc1(s, w1, t, K, g0, g1, g2, FR, FH, FHP, GROUP)
+
+
+@triton.jit
+def _fold_tile(y, fold, fc1, FR: tl.constexpr, FHP: tl.constexpr, GROUP: tl.constexpr):
+    h, w, col, g0, g1, g2, h_ptr, q, xs, ss, s, w1, ws, t, K = fold
+    norm_fold_tile(y, t, h, w, col, fc1, g0, g1, g2, h_ptr, q, xs, ss, ws, K, FR, FHP, GROUP)
 
 
 @triton.jit
@@ -1040,7 +1112,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
                    out: torch.Tensor | None = None, config: dict | None = None,
                    use_asm: bool | None = None, route: RoutePlan | None = None,
                    x_int8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   rope: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                   rope: tuple[torch.Tensor, ...] | None = None, fold: NormFold | None = None) -> torch.Tensor | None:
     """y (M, N) = x (M, K) · Ŵ_{k_t}ᵀ per token t, for M <= 4 fp16 tokens (v7, CUDA cores). k: (M,) int32.
 
     ``packed`` may also be a list of 2 or 3 weights of the same input (q/k/v, gate/up: same K, slices and group
@@ -1060,6 +1132,11 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     decode_step.rope_kv of the three outputs instead of y, q rotated (H, Dh), k rotated and v written into the
     caches (KV, S, Dh) at slot pos, bit for bit. Where the launch's tiles hold whole heads and it splits K, its last
     splits do that themselves (``_rope_tile``: no launch of the rotary); otherwise rope_kv runs after it.
+
+    ``fold`` (``router.norm_fold``; one weight, one token, BLOCK_N = 128): y is not stored (None is returned);
+    each tile's last split adds it to fold.h and computes the next group's int8 codes, sums of squares and router
+    partials instead (``_fold_tile``). A ``route`` plan from a fold (``route.rstd``) makes this launch apply its
+    rstd (x_int8 then holds the fold's codes; x is only checked).
     """
     packs = list(packed) if isinstance(packed, (list, tuple)) else [packed]
     p0 = packs[0]
@@ -1109,6 +1186,13 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
             return rope_kv(y[0, :Ns[0]], y[0, Ns[0]:Ns[0] + Ns[1]], y[0, Ns[0] + Ns[1]:], cos, sin, pos, kc, vc)
         q_out = torch.empty(Ns[0] // HD, HD, dtype=torch.float16, device=x.device)
         rope_args = [cos, sin, pos, kc, vc, q_out, S]
+    if fold is not None and (len(packs) != 1 or M != 1 or BN != FOLD_GROUP or fold.h.numel() != N
+                             or rope is not None):
+        raise ValueError(f"fold takes one weight, one token, tiles of {FOLD_GROUP} rows and an h of its {N} "
+                         f"outputs; got {len(packs)} weight(s), {M} token(s), BLOCK_N {BN}, h {fold.h.numel()}")
+    rstd = route.rstd if route is not None else None
+    if rstd is not None and x_int8 is None:
+        raise ValueError("a route plan from a fold (route.rstd) needs x_int8: the fold's codes")
     n_tiles = sum(triton.cdiv(n, BN) for n in Ns)
     ws, cnt = _scratch(x.device, n_tiles * M * SK * BN if SK > 1 else 1, n_tiles * M)
     xi = x.view(torch.int32)  # (M, K/2) fp16 pairs
@@ -1144,17 +1228,28 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     else:
         rargs = [k] * 10 + [0]
         rconst = dict(ROUTE=False, RH=1, REM1=1, RHP=2, RSPLIT=1)
+    if fold is not None:
+        fargs = [fold.h, fold.w, fold.xq.view(torch.int8), fold.xs, fold.ss, fold.s, fold.w1,
+                 fold.given.view(torch.int8), fold.ws, xdest(x.device)]
+        fconst = dict(FOLD=True, FR=fold.w1.shape[0] if fold.routed else 0, FH=fold.w1.shape[1],
+                      FHP=max(triton.next_power_of_2(fold.w1.shape[1]), 2))
+    else:
+        fargs, fconst = [y] * 10, dict(FOLD=False, FR=0, FH=1, FHP=2)
+    fargs += [rstd[0], rstd[1]] if rstd is not None else [y, 0.0]
     _sliced_gemv_cc_kernel[(n_tiles, SK, M)](
         xi, y, k, p0.qweight, p0.scale, p0.zero, ws, cnt, xs,
-        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs, *rope_args,
+        Ns[0], G, xi.stride(0), y.stride(0), p0.qweight[0].numel(), *rest, *rargs, *rope_args, *fargs,
         E=p0.num_slices, GROUP=p0.group_size, BLOCK_N=BN, GPI=GPI, SPLIT_K=SK, SPLIT_K12=SK12, USE_ASM=use_asm,
         PF=cfg.get("PF", 0), GPK=cfg.get("GPK", 0), PDL=pdl,
         NSEG=len(packs), MMA=mma, A8=x_int8 is not None, RING=ring, REARLY=rearly,
         RS=ring_stages(BN, int(cfg.get("RCAP", 0))) if ring else 1, ROPE=q_out is not None, HD=HD, **rconst,
+        **fconst, RSTD=rstd[0].numel() if rstd is not None else 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **({"launch_pdl": True} if pdl else {}),
     )
+    if fold is not None:
+        return None
     return y if q_out is None else q_out
 
 

@@ -51,6 +51,14 @@ through its own forward, so that every shape is static and nothing leaves the de
   path (``sliced_gemv_cc(..., x_int8=)``). WikiText-2 perplexity of the embedded model rose 0.4-0.5 % at 4, 6 and 8
   bits with every linear's input rounded so (benchmarks/results/int8_act_ppl_cpu.json). Groups that are not routed
   keep fp16 inputs.
+* ``norm_fold`` (on where it fits: int8 activations, ``attention_router``, every group routed, o_proj and down_proj
+  on tiles of 128 rows): where no count is routed (``set_k``, ``set_counts``, the forced budgets B_1 and B_E), the
+  step runs from a second graph in which o_proj and down_proj add their output to the residual stream and compute
+  the next norm's int8 codes in their tiles' last splits (``router.norm_fold``; the group after them applies the
+  norm's 1 / rms to its sums), so the q/k/v (past the first block) and gate/up router launches are not launched. The
+  numerics differ from the router launches' only in roundings (the codes come from w * h in fp32, not from the fp16
+  x). Routed budgets keep the first graph: there the folds measured slower (KERNEL_NOTES.md, "Twenty-first
+  session").
 * ``head_slices`` (off by default; it changes the numerics): lm_head sliced like the linears at construction (the
   model's slices, no router) and run at that many slices; 0.37 -> 0.16 ms a step at 3 slices for LLaMA-3-8B's head
   on an H100, +0.8-2.1 % WikiText-2 perplexity at 6 bits and +0.1-0.3 % at 8 on the embedded model
@@ -154,7 +162,7 @@ class DecodeEngine:
                  capture: bool | None = None, compile: bool = False, fuse_glue: bool | None = None,
                  fuse_linears: bool | None = None, fuse_router: bool | None = None, router_glue: bool | None = None,
                  int8_activations: bool = False, fuse_rope: bool | None = None, head_slices: int | None = None,
-                 attention_router: bool | None = None):
+                 attention_router: bool | None = None, norm_fold: bool | None = None):
         reason = supported(model, use_kernels)
         if reason:
             raise MoBiQuantError(f"the decode engine cannot serve this model: {reason}")
@@ -208,6 +216,8 @@ class DecodeEngine:
         if self.attention_router and not (self.router_glue and self._head_chunks):
             raise MoBiQuantError("attention_router needs router_glue and heads of a power of two from 16 to 256 "
                                  "features (128 with int8 activations)")
+        self._norm_fold_asked = norm_fold
+        self._all_given = True  # the mode in force routes no count (set_k, set_counts, a forced budget)
         dev = dict(device=self.device)
         with torch.no_grad():
             self._build_linears()
@@ -220,6 +230,7 @@ class DecodeEngine:
             cos, sin = base.rotary_emb(self.k_cache[0, 0, :1], pos)  # HF's own tables, for every position
             self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (S, head_dim)
             self._build_routing()
+            self._build_norm_fold()
             # static buffers of the decode step
             self.tok = torch.zeros(1, dtype=torch.long, **dev)
             self.pos = torch.zeros(1, dtype=torch.long, **dev)
@@ -228,7 +239,7 @@ class DecodeEngine:
             self._kv_pos = torch.arange(S, **dev)
             if self.fuse_glue:  # greedy_step's partial maxima and counter (static: the graph holds them)
                 self._greedy_ws = ops.greedy_workspace(cfg.vocab_size, self.device)
-        self.graph = None
+        self.graph = self.graph_fold = None  # the step's graph, and the folded one of the all-given modes (norm_fold)
         self.captures = 0  # graphs captured so far (a budget change must not add one)
         self._step = torch.compile(self._decode_body, fullgraph=False) if compile else self._decode_body
         if capture if capture is not None else self.device.type == "cuda":
@@ -383,6 +394,46 @@ class DecodeEngine:
         self.th = (self.tau_table[0].clone(), self.force_on_table[0].clone(), self.force_off_table[0].clone())
         self.set_k(E)
 
+    def _build_norm_fold(self) -> None:
+        """norm_fold: where no count is routed (``_all_given``), the step's norms before q/k/v (past the first
+        block) and gate/up are computed by the linear before them (down_proj, o_proj: ``sliced_gemv_cc(...,
+        fold=)``) with the int8 codes of their input, so that neither group's router is launched (router.NormFold);
+        a second graph. Needs attention_router and int8 activations, every group routed and fused, and o_proj and
+        down_proj on tiles of 128 rows."""
+        asked = self._norm_fold_asked
+        why = None
+        if not (self.attention_router and self.int8_activations):
+            why = "attention_router and int8_activations"
+        elif not all(self._fused_route(grp[key], key in ("o", "down") or key in mb)
+                     for grp, mb in zip(self.groups, self.multi) for key in ("qkv", "o", "gu", "down")):
+            why = "every group routed, q/k/v and gate/up one launch each"
+        else:
+            from .kernels.tuning import lookup
+
+            for entry in self.blocks:
+                for leaf in ("o_proj", "down_proj"):
+                    P = self.packed[entry[leaf][1]]
+                    cfg = lookup("sliced_gemv_cc_a8", 1, P.out_features, P.in_features) or \
+                        lookup("sliced_gemv_cc", 1, P.out_features, P.in_features) or {"BLOCK_N": 128}
+                    if cfg["BLOCK_N"] != 128 or P.out_features % 128:
+                        why = "o_proj and down_proj on tiles of 128 rows"
+        self.norm_fold = why is None if asked is None else bool(asked)
+        if asked and why is not None:
+            raise MoBiQuantError(f"norm_fold needs {why}")
+        self.x8_fold = {K: (torch.zeros_like(q), torch.zeros_like(s)) for K, (q, s) in self.x8.items()} \
+            if self.norm_fold else {}
+
+    def _fold(self, group, h: torch.Tensor, ln, th):
+        """The NormFold of a group whose input is ln(h + y), y the output of the launch it is passed to (every
+        count given: no router partials)."""
+        from .kernels.router import norm_fold
+
+        lo, hi = group.lo, group.hi
+        K = h.numel()
+        return norm_fold(h.reshape(-1), ln.weight, ln.variance_epsilon, group.s, group.w1, group.b1, group.w2,
+                         group.b2, th[0][lo:hi], th[1], th[2], self.given[lo:hi], self.counts_in[lo:hi],
+                         self.counts_out[lo:hi], self.x8_fold[K], routed=False)
+
     # ------------------------------------------------------------------------------------------ precision
     def set_budget(self, budget: float) -> None:
         """Routers pick each token's slices for ``budget`` average bits (device writes only); at B_1 and B_E every
@@ -403,7 +454,9 @@ class DecodeEngine:
         if k is not None:
             self.given.fill_(True)
             self.counts_in.fill_(k)
+            self._all_given = True
             return
+        self._all_given = all(given)
         if any(given):
             self.counts_in.fill_(min(range(len(B)), key=lambda i: abs(B[i] - budget)) + 1)
         self.given.copy_(torch.tensor(given), non_blocking=True)
@@ -415,12 +468,14 @@ class DecodeEngine:
             raise MoBiQuantError(f"k={k} slices requested; this model has 1..{len(self.precisions)}")
         self.given.fill_(True)
         self.counts_in.fill_(int(k))
+        self._all_given = True
 
     def set_counts(self, counts: torch.Tensor) -> None:
         """Counts given per linear (n_linears,) for the next decode step (the random baseline draws them)."""
         self._need_quant()
         self.given.fill_(True)
         self.counts_in.copy_(counts.reshape(-1).to(torch.int32), non_blocking=True)
+        self._all_given = True
 
     def _need_quant(self) -> None:
         if not self.n_linears:
@@ -462,7 +517,7 @@ class DecodeEngine:
         return self.fuse_router and self.fuse_linears and one_launch and group is not None and group.routed
 
     def _route_linear(self, group: _Group, entry, x: torch.Tensor | None, th, norm=None, silu=None, rope=None,
-                      attn=None):
+                      attn=None, fold=None, folded=None):
         """A routed group at one token, the router finished inside the linear: the router launch stores its fc1
         partials only (router.route_partials), and the v7 launch after it sums them, applies fc2 and the thresholds
         in each program (the router kernel's own code, so the counts are route_counts') and stores the counts.
@@ -472,7 +527,9 @@ class DecodeEngine:
         one output is q rotated (H, Dh).
         ``attn=(q, layer, pos)`` (o_proj, x None): the attention computes x and the router's partials in its epilogue
         (router.route_attention, ``attention_router``), so the router is not launched.
-        Returns (counts (1, R) int32, the R outputs (1, N_r), h + r (norm=) or None)."""
+        ``fold``: a NormFold that this (one-weight) launch computes instead of storing its output (``norm_fold``);
+        ``folded``: the NormFold this group's input comes from (no router launch).
+        Returns (counts (1, R) int32, the R outputs (1, N_r) (None with fold), h + r (norm=) or None)."""
         from .kernels.layout import PackedSlices
         from .kernels.router import route_attention, route_partials
         from .kernels.sliced_gemv_cc import sliced_gemv_cc
@@ -490,7 +547,9 @@ class DecodeEngine:
             norm = (h, r, ln.weight, ln.variance_epsilon)
         rargs = (group.s, group.w1, group.b1, group.w2, group.b2, th[0][lo:hi], th[1], th[2], self.given[lo:hi],
                  self.counts_in[lo:hi])
-        if attn is not None:
+        if folded is not None:
+            plan, x8 = folded.plan, (folded.xq, folded.xs)
+        elif attn is not None:
             q, layer, pos = attn
             plan = route_attention(q, self.k_cache[layer], self.v_cache[layer], pos, self.window or 0, self.scaling,
                                    *rargs, out=self.counts_out[lo:hi], x_int8=x8)
@@ -498,7 +557,9 @@ class DecodeEngine:
             plan = route_partials(None if x is None else x.reshape(-1), *rargs, out=self.counts_out[lo:hi],
                                   chunk_k=group.chunk, x_int8=x8, norm=norm, silu=silu)
         y = sliced_gemv_cc(plan.x.reshape(1, -1), packs if len(packs) > 1 else packs[0], None, route=plan,
-                           x_int8=x8, rope=rope)
+                           x_int8=x8, rope=rope, fold=fold)
+        if fold is not None:
+            return plan.out[None], (None,), plan.h
         if rope is not None:
             return plan.out[None], (y,), plan.h
         if bias is not None:
@@ -568,7 +629,7 @@ class DecodeEngine:
             return logits, torch.ones(T, 1, dtype=torch.int32, device=ids.device)
         return logits, torch.cat(all_counts, dim=1)
 
-    def _decode_fused(self, ids: torch.Tensor, positions: torch.Tensor):
+    def _decode_fused(self, ids: torch.Tensor, positions: torch.Tensor, fold: bool = False):
         """The decode step of ``_forward`` (one token) with the glue between the linears fused (mobiquant/ops.py:
         add_rms_norm, rope_kv, decode_attention, silu_mul): 5 launches per block instead of ~40, fewer where the
         router launches compute the norms and SiLU·up (``router_glue``)."""
@@ -576,13 +637,31 @@ class DecodeEngine:
         h = self.base.embed_tokens(ids)  # (1, hidden)
         th = self.th if self.n_linears and any(self.routed) else None
         pending = None  # the block output not yet added to h: added by the next norm
+        folded = None  # norm_fold: the NormFold of this block's q/k/v input, computed by the down_proj before it
         all_counts = []
+        L = len(self.layers)
         for l, (layer, blk, grp, mul) in enumerate(zip(self.layers, self.blocks, self.groups, self.multi)):
             cache = (self.cos, self.sin, positions, self.k_cache[l], self.v_cache[l])
             rope = cache if self._rope_in_qkv(grp["qkv"], mul.get("qkv")) else None
-            c, qkv, h = self._norm_group(grp["qkv"], mul.get("qkv"), blk, ("q_proj", "k_proj", "v_proj"), h,
-                                         pending, layer.input_layernorm, th, rope)
+            if folded is not None:
+                c, qkv, _ = self._route_linear(grp["qkv"], mul["qkv"], None, th, rope=rope, folded=folded)
+            else:
+                c, qkv, h = self._norm_group(grp["qkv"], mul.get("qkv"), blk, ("q_proj", "k_proj", "v_proj"), h,
+                                             pending, layer.input_layernorm, th, rope)
             q = qkv[0] if rope is not None else mq.rope_kv(*qkv, *cache)  # (H, D)
+            if fold:  # o_proj adds its output to h and computes gate/up's input: no router launch
+                fgu = self._fold(grp["gu"], h, layer.post_attention_layernorm, th)
+                co, _, _ = self._route_linear(grp["o"], blk["o_proj"], None, th, attn=(q, l, positions), fold=fgu)
+                cg, (g, u), _ = self._route_linear(grp["gu"], mul["gu"], None, th, folded=fgu)
+                folded = self._fold(self.groups[l + 1]["qkv"], h, self.layers[l + 1].input_layernorm, th) \
+                    if l + 1 < L else None
+                if folded is not None:
+                    cd, _, _ = self._route_linear(grp["down"], blk["down_proj"], None, th, silu=(g, u), fold=folded)
+                    pending = None
+                else:
+                    cd, pending = self._silu_down(grp["down"], blk, g, u, th)
+                all_counts += [c, co, cg, cd]
+                continue
             if self.attention_router and self._fused_route(grp["o"], True):  # no launch of o_proj's router
                 co, (y,), _ = self._route_linear(grp["o"], blk["o_proj"], None, th, attn=(q, l, positions))
             else:
@@ -648,9 +727,15 @@ class DecodeEngine:
         c = self._route(group, a, th, None)
         return c, self._linear(*blk["down_proj"], a, c, group)
 
-    def _decode_body(self) -> None:
+    def _use_fold(self) -> bool:
+        """Whether the mode in force runs the step with the norms folded (``norm_fold``: no count routed)."""
+        return self.norm_fold and self._all_given
+
+    def _decode_body(self, fold: bool | None = None) -> None:
+        """One decode step; fold: the step with the norms folded (default: as the mode in force runs it)."""
+        fold = self._use_fold() if fold is None else fold
         if self.fuse_glue:
-            logits, counts = self._decode_fused(self.tok, self.pos)
+            logits, counts = self._decode_fused(self.tok, self.pos, fold)
         else:
             logits, counts = self._forward(self.tok, self.pos, decode=True)
         if counts.data_ptr() != self.counts_out.data_ptr():
@@ -665,25 +750,31 @@ class DecodeEngine:
     # ------------------------------------------------------------------------------------------ public steps
     @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
-        """Capture the decode step in a CUDA graph (after warm-up runs that compile the kernels)."""
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                self.pos.zero_()
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        self.pos.zero_()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        self.captures += 1
+        """Capture the decode step in a CUDA graph (after warm-up runs that compile the kernels); with
+        ``norm_fold`` the all-given modes' step (the norms folded) in a second one. ``decode`` replays the graph of
+        the mode in force: a budget switch never captures."""
+        graphs = []
+        for fold in (False, True) if self.norm_fold else (False,):
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                for _ in range(warmup):
+                    self.pos.zero_()
+                    self._step(fold)
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            graphs.append(torch.cuda.CUDAGraph())
+            self.pos.zero_()
+            with torch.cuda.graph(graphs[-1]):
+                self._step(fold)
+            self.captures += 1
+        self.graph = graphs[0]
+        self.graph_fold = graphs[1] if len(graphs) > 1 else None
         self.pos.zero_()
         if self.use_kernels:  # the split-K workspaces in the graph stay alive with it, even if later calls grow them
-            from .kernels.router import _SCRATCH
+            from .kernels.router import _FOLD_SCRATCH, _SCRATCH
             from .kernels.sliced_gemv import _WORKSPACE
 
-            self._workspaces = (dict(_WORKSPACE), dict(_SCRATCH))
+            self._workspaces = (dict(_WORKSPACE), dict(_SCRATCH), dict(_FOLD_SCRATCH))
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, counts: torch.Tensor | None = None):
@@ -707,7 +798,7 @@ class DecodeEngine:
         if token is not None:
             self.tok.fill_(int(token))
         if self.graph is not None:
-            self.graph.replay()
+            (self.graph_fold if self._use_fold() else self.graph).replay()
         else:
             self._step()
         return self.logits, self.counts_out

@@ -201,6 +201,48 @@ def test_int8_activations_engine(routed_model):
             assert ((l8 - l16).norm() / l16.norm()).item() < 5e-2
 
 
+def test_norm_fold_engine(routed_model, monkeypatch):
+    """norm_fold (int8 activations): where every count is given (set_counts, set_k, budgets 2 and 8), o_proj and
+    down_proj compute the next norm and its int8 codes, and no router launch runs for q/k/v past the first block nor
+    for gate/up. Against the engine that launches them: the same counts, logits within the codes' rounding (their
+    input is w * h in fp32, not the fp16 x), the cache written alike. At a routed budget the step is the same one:
+    equal bit for bit (before the folded steps make the caches differ)."""
+    import importlib
+
+    from mobiquant import MoBiQuantError
+
+    pytest.importorskip("triton")
+    model = routed_model(_wide_llama(512), group_size=128).half().to(DEVICE)
+    ef = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True)
+    en = DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True, norm_fold=False)
+    assert ef.norm_fold and not en.norm_fold
+    rk = importlib.import_module("mobiquant.kernels.router")
+    launches = []
+    route_partials = rk.route_partials
+    monkeypatch.setattr(rk, "route_partials", lambda *a, **kw: launches.append(1) or route_partials(*a, **kw))
+    given = torch.randint(1, 5, (ef.n_linears,), generator=torch.Generator().manual_seed(6))
+    for mode, setup in (("routed", lambda e: e.set_budget(5.0)), ("counts", lambda e: e.set_counts(given)),
+                        ("k", lambda e: e.set_k(2)), ("budget 2", lambda e: e.set_budget(2.0))):  # routed first:
+        # the caches then hold the same keys and values
+        for e in (ef, en):
+            setup(e)
+        for _ in range(2):
+            tok = int(torch.randint(0, 96, (1,)))
+            launches.clear()
+            lf, cf = (t.clone() for t in ef.decode(tok))
+            n_folded = len(launches)
+            ln, cn = en.decode(tok)
+            assert torch.isfinite(lf).all() and torch.equal(cf, cn)
+            if mode == "routed":
+                assert torch.equal(lf, ln) and n_folded == len(launches) - n_folded == 6  # 2 blocks: qkv, gu, down
+            else:  # the first block's q/k/v router launch, and each block's down_proj's
+                assert n_folded == 3 and len(launches) - n_folded == 6
+                assert 0 < ((lf - ln).norm() / ln.norm()).item() < 2e-2
+    assert torch.equal(ef.k_cache != 0, en.k_cache != 0)
+    with pytest.raises(MoBiQuantError, match="norm_fold needs"):
+        DecodeEngine(model, 16, use_kernels=True, capture=False, norm_fold=True)  # fp16 activations
+
+
 def test_rope_in_the_qkv_launch(routed_model, monkeypatch):
     """fuse_rope: the q/k/v launch rotates q and k and writes the cache itself (no rotary launch); counts, logits
     and caches equal the engine that launches the rotary, bit for bit, at a budget (int8 activations here;
@@ -378,11 +420,12 @@ def test_gpu_graph_matches_eager_and_budget_switch_needs_no_recapture(tiny_llama
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_int8_activations_graph_matches_eager(routed_model):
-    """The int8 engine captured in a CUDA graph (router launches writing the codes, PDL) against itself eagerly."""
-    model = routed_model(_wide_llama(), group_size=128).to("cuda", torch.float16)
+    """The int8 engine captured in a CUDA graph (router launches writing the codes, PDL) against itself eagerly, at a
+    routed budget and at the forced ones (norm_fold's graph: heads of 128 features, so that it applies)."""
+    model = routed_model(_wide_llama(512), group_size=128).to("cuda", torch.float16)
     eng = DecodeEngine(model, 32, int8_activations=True)
     ref = DecodeEngine(model, 32, capture=False, int8_activations=True)
-    assert eng.graph is not None
+    assert eng.graph is not None and eng.graph_fold is not None and eng.captures == 2  # norm_fold: budgets 2, 8
     ids = torch.randint(0, 96, (5,), device="cuda")
     for b in (2.0, 5.0, 8.0):
         for e in (eng, ref):
@@ -392,7 +435,7 @@ def test_gpu_int8_activations_graph_matches_eager(routed_model):
             (l1, c1), (l2, c2) = eng.decode(), ref.decode()
             assert torch.equal(c1, c2)
             torch.testing.assert_close(l1, l2, atol=1e-3, rtol=1e-3)
-    assert eng.captures == 1
+    assert eng.captures == 2
 
 
 @pytest.mark.gpu

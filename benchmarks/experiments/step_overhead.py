@@ -12,6 +12,14 @@ computed inside the router launches, 96 launches fewer per step) off and on, alt
 each, at budgets 2 and 4 and k = 2, fp16 and int8 activations; the logits and counts of 4 greedy steps compared
 (must be equal).
 
+Part ``fold`` (twenty-first session): the same alternation for the engine flag ``norm_fold`` (where no count is routed,
+a second graph in which o_proj and down_proj compute the norm before gate/up and the next q/k/v and their int8 codes
+in their tiles' last splits: 63 router launches fewer per step), int8 engine, budgets 2 and 4 (routed: the same
+graph either way, a control) and k = 2; the logits differ where the folded graph runs (other roundings), so "equal"
+is False there. Part ``fdiag`` (needs ``norm_fold_diag.patch``, the flag as an integer): ``norm_fold`` 0, 1 (the
+folds at every budget, router partials included) and 2 (the folds computed into a scratch residual and not used, the
+router launches kept: what the folding tails cost alone), alternating rounds, budgets 2 and 4.
+
 Part ``attention_router`` (seventeenth session): the same alternation for ``attention_router`` (o_proj's router partials
 and int8 codes computed in the attention's epilogue, 32 launches fewer per step).
 
@@ -80,20 +88,21 @@ spec.loader.exec_module(DB)
 OUT = Path(os.environ.get("OUT", "/tmp"))
 LAYERS = int(os.environ.get("LAYERS", "32"))
 PARTS = os.environ.get("PARTS", "overhead,glue_ab,argmax,nopdl")  # also: steps, attn, rwarps, early, b4parts,
-# attention_router, rchunk, skipglue, given_graph, modab
+# attention_router, rchunk, skipglue, given_graph, modab, fold, fdiag
 
 
 def step_ms(eng, prompt, rounds=3):
     return statistics.median(DB.graph_step_ms(eng, prompt) for _ in range(rounds))
 
 
-def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab", int8s=(False, True), cases=None):
-    """An engine flag (router_glue, attention_router, given_graph) off / on, alternating rounds (module
-    docstring)."""
+def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab", int8s=(False, True), cases=None,
+            engine_kw=None):
+    """An engine flag (router_glue, attention_router, given_graph, norm_fold) off / on, alternating rounds (module
+    docstring). engine_kw: the engine's options (a flag whose buffers are built at construction is built on)."""
     ab = res[key] = dict(flag=flag, rounds=[], median_step_ms={}, equal={}, max_logit_diff={})
     for int8 in int8s:
         tag = "int8" if int8 else "fp16"
-        eng = DecodeEngine(model, 1024, int8_activations=int8, capture=False)
+        eng = DecodeEngine(model, 1024, int8_activations=int8, capture=False, **(engine_kw or {}))
         cases = cases or (("budget_2", "set_budget", 2.0), ("budget_4", "set_budget", 4.0), ("k2", "set_k", 2))
         outs = {}
         for rnd in range(3):
@@ -124,6 +133,29 @@ def flag_ab(model, prompt, res, save, flag="router_glue", key="glue_ab", int8s=(
     for n, v in ab["median_step_ms"].items():
         DB.log(f"| {n} | {v['off']:.4f} | {v['on']:.4f} ({100 * (v['on'] / v['off'] - 1):+.1f} %) | "
                f"{ab['equal'][n]} |")
+    save()
+
+
+def fold_modes(model, prompt, res, save):
+    """norm_fold 0 (off), 1 (on) and 2 (the producers' folds computed, unused; the router launches kept),
+    alternating rounds, int8 engine, budgets 2 and 4 (needs norm_fold_diag.patch)."""
+    ab = res["norm_fold_modes"] = dict(rounds=[], median_step_ms={})
+    eng = DecodeEngine(model, 1024, int8_activations=True, capture=False, norm_fold=True)
+    for rnd in range(3):
+        for mode in (0, 1, 2):
+            eng.norm_fold = mode
+            eng.capture()
+            for b in (2.0, 4.0):
+                eng.set_budget(b)
+                ms = DB.graph_step_ms(eng, prompt)
+                ab["rounds"].append(dict(mode=mode, budget=b, round=rnd, step_ms=ms))
+                DB.log(f"round {rnd} norm_fold={mode} budget {b:g}: {ms:.4f} ms/step")
+                save()
+    for mode in (0, 1, 2):
+        for b in (2.0, 4.0):
+            ab["median_step_ms"][f"mode{mode}_budget_{b:g}"] = statistics.median(
+                r["step_ms"] for r in ab["rounds"] if (r["mode"], r["budget"]) == (mode, b))
+    DB.log(f"median ms/step: {ab['median_step_ms']}")
     save()
 
 
@@ -384,6 +416,12 @@ def main():
             flag_ab(model, prompt, res, save, "given_graph", "given_graph_ab", int8s=(True,),
                     cases=(("budget_2", "set_budget", 2.0), ("budget_8", "set_budget", 8.0), ("k2", "set_k", 2),
                            ("budget_4", "set_budget", 4.0)))
+        if "fold" in PARTS:  # twenty-first session: the norms before q/k/v and gate/up in o_proj's, down_proj's tiles
+            flag_ab(model, prompt, res, save, "norm_fold", "norm_fold_ab", int8s=(True,),
+                    cases=(("budget_2", "set_budget", 2.0), ("budget_4", "set_budget", 4.0), ("k2", "set_k", 2)),
+                    engine_kw=dict(norm_fold=True))
+        if "fdiag" in PARTS:  # norm_fold 0 / 1 / 2 (2: the folds computed into scratch, unused: their cost alone)
+            fold_modes(model, prompt, res, save)
         if "early" in PARTS:
             early_ab(model, prompt, res, save)
         if "rwarps" in PARTS:

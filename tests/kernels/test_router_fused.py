@@ -384,3 +384,92 @@ def test_gpu_block_chain_fused_router_in_graph_equals_router_kernel_chain():
 
     seen = graph_replays_equal_eager(block, rnd, (D, KV, S, DH))
     assert len(seen) > 1  # the counts vary
+
+
+# ------------------------------------------------------------------------------------------ the norm folded
+def fold_case(N, Kin, R, H, E, g, given_p):
+    """A producer weight (N outputs, Kin inputs, group 128), its x and counts, and a fold for R routers over N."""
+    (pack,) = weights([N], Kin, 128)
+    x = torch.randn(1, Kin, generator=g).half().to(DEVICE)
+    k = torch.randint(1, E + 1, (1,), generator=g, dtype=torch.int32).to(DEVICE)
+    h0 = (torch.randn(N, generator=g) * 2).half().to(DEVICE)
+    w = (torch.rand(N, generator=g) + 0.5).half().to(DEVICE)
+    rt = router_stack(R, H, N, E, g)
+    fl = flags(R, E, g, given_p=given_p)
+    bufs = (torch.full((1, N // 4), -1, dtype=torch.int32, device=DEVICE),
+            torch.full((1, N // 128, 2), float("nan"), device=DEVICE))  # poisoned
+    return pack, x, k, h0, w, rt, fl, bufs
+
+
+@pytest.mark.parametrize("N,Kin,R,H,E,split_k,given_p,routed", [
+    (384, 256, 3, 16, 4, 2, 0.0, True),  # q/k/v-like: three routers, the tiles' last splits fold
+    (256, 512, 2, 7, 3, 1, 0.5, True),  # gate/up-like, one split (the fold in the only program), some counts given
+    (512, 384, 2, 16, 4, 3, 1.0, True),  # every count given: no partial stored
+    (384, 256, 3, 16, 4, 2, 1.0, False),  # no router partials compiled in (the engine's all-given graph)
+    *(pytest.param(*case, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")])
+      for case in ((4096, 4096, 2, 16, 4, 16, 0.0, True), (4096, 14336, 3, 16, 4, 16, 0.3, True),  # LLaMA-3-8B o,
+                   (4096, 14336, 3, 16, 4, 16, 1.0, False))),  # down
+])
+def test_norm_fold_equals_the_norm_and_router_launch(N, Kin, R, H, E, split_k, given_p, routed):
+    """sliced_gemv_cc(fold=): y is not stored; h += y (rounded as torch's add, y the unfolded launch's bits), the
+    codes are act_int8's of w * h, the sums of squares and fc1 partials those of torch (to fp32 rounding), partials
+    of given routers untouched. The group's launch on the fold's plan applies rstd: its counts are route_counts' on
+    add_rms_norm's x (τ away from the scores), its y that of its counts on the codes scaled by rstd."""
+    g = torch.Generator().manual_seed(next(_SEED))
+    pack, x, k, h0, w, rt, fl, bufs = fold_case(N, Kin, R, H, E, g, given_p)
+    cfg = dict(BLOCK_N=128, GPI=1, SPLIT_K=split_k, num_warps=4, PF=1)
+    y_ref = sliced_gemv_cc(x, pack, k, config=cfg)  # (1, N) fp16
+    _, x_norm = add_rms_norm(h0[None], y_ref, w, 1e-5)  # the unfolded chain's input to the next group
+    tau = router_scores(x_norm.float(), *rt)[0][:, 0].float() + 1e-2
+    out = torch.full((R,), -7, dtype=torch.int32, device=DEVICE)
+    h = h0.clone()
+    fold = rk.norm_fold(h, w, 1e-5, *rt, tau, *fl, out, bufs, routed=routed)
+    fold.ws.fill_(float("nan"))
+    assert sliced_gemv_cc(x, pack, k, config=cfg, fold=fold) is None
+    hn = (h0.float() + y_ref[0].float()).half()
+    assert torch.equal(h, hn)
+    v = w.float() * hn.float()
+    want_q, want_s = quantize_x_int8(v[None])
+    assert torch.equal(bufs[0], want_q) and torch.equal(bufs[1], want_s)
+    T = N // 128
+    torch.testing.assert_close(fold.ss, hn.float().pow(2).reshape(T, 128).sum(-1), rtol=1e-6, atol=0)
+    s, w1 = rt[0], rt[1]
+    given = fl[2]
+    for r in range(R):
+        got = fold.ws.reshape(R, T, -1)[r, :, :H]
+        if given[r] or not routed:
+            assert got.isnan().all()
+        else:
+            want = (w1[r].float() * (v / s[r])).reshape(H, T, 128).sum(-1).t()  # (T, H)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the group's launch: one weight per router, the fold's codes; rstd applied inside
+    packs = weights([64] * R, N, 128)
+    counts = rk.route_counts(x_norm.reshape(-1), *rt, tau, *fl)
+    gcfg = dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1)
+    y = sliced_gemv_cc(h[None], packs if R > 1 else packs[0], None, config=gcfg, route=fold.plan, x_int8=bufs)
+    assert torch.equal(out, counts)
+    rstd = torch.rsqrt(fold.ss.double().sum() / N + 1e-5).float()
+    scaled = bufs[1].clone()
+    scaled[..., 0] *= rstd
+    y_ref2 = sliced_gemv_cc(h[None], packs if R > 1 else packs[0], counts[None] if R > 1 else counts, config=gcfg,
+                            x_int8=(bufs[0], scaled))
+    torch.testing.assert_close(y.float(), y_ref2.float(), rtol=2e-3, atol=2e-3 * y_ref2.float().abs().max().item())
+
+
+def test_norm_fold_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(5)
+    pack, x, k, h0, w, rt, fl, bufs = fold_case(256, 256, 2, 16, 4, g, 0.0)
+    tau = torch.zeros(2, device=DEVICE)
+    out = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    fold = rk.norm_fold(h0, w, 1e-5, *rt, tau, *fl, out, bufs)
+    with pytest.raises(ValueError, match="fold takes one weight"):
+        sliced_gemv_cc(x, pack, k, config=dict(BLOCK_N=64, GPI=1, SPLIT_K=2, num_warps=4, PF=1), fold=fold)
+    with pytest.raises(ValueError, match="fold takes one weight"):
+        sliced_gemv_cc(x, weights([128], 256, 128)[0], k, fold=fold)  # 128 outputs, h of 256
+    with pytest.raises(ValueError, match="needs x_int8"):
+        sliced_gemv_cc(h0[None], weights([64, 64], 256, 128), None, route=fold.plan)
+    with pytest.raises(ValueError, match="h and w must be"):
+        rk.norm_fold(h0.float(), w, 1e-5, *rt, tau, *fl, out, bufs)
+    with pytest.raises(ValueError, match="x_int8 must be"):
+        rk.norm_fold(h0, w, 1e-5, *rt, tau, *fl, out, (bufs[0][:, :32], bufs[1]))
