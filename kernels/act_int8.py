@@ -83,13 +83,32 @@ def quantize_groups(x, q_ptr, s_ptr, k0, col, GROUPS: tl.constexpr, GROUP: tl.co
     attention's epilogue (decode_step.py)."""
     xg = tl.reshape(x.to(tl.float32), (GROUPS, GROUP))
     amax = tl.maximum(tl.max(tl.abs(xg), axis=1), _TINY_F)  # (GROUPS,)
-    q = tl.floor(xg * tl.math.div_rn(_QMAX_F, amax)[:, None] + 0.5)
-    q = tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)  # (GROUPS, GROUP)
+    q = _codes(xg, amax[:, None])  # (GROUPS, GROUP)
     gi = tl.arange(0, GROUPS)
     tl.store(q_ptr + k0 + gi[:, None] * GROUP + col[None, :], q.to(tl.int8))
     sp = s_ptr + (k0 // GROUP + gi) * 2
     tl.store(sp, tl.math.div_rn(amax, _QMAX_F))
     tl.store(sp + 1, tl.sum(q, axis=1))
+
+
+@triton.jit
+def _codes(x, amax):
+    """floor(x 127 / amax + 1/2) clamped to [-127, 127] (fp32), amax broadcast against x."""
+    q = tl.floor(x * tl.math.div_rn(_QMAX_F, amax) + 0.5)
+    return tl.minimum(tl.maximum(q, -_QMAX_F), _QMAX_F)
+
+
+@triton.jit
+def quantize_group(x, amax, q_ptr, s_ptr, k0, col, GROUP: tl.constexpr):
+    """``quantize_groups`` of one group x (GROUP,) fp32, a one-dimensional tensor, whose max |x| the caller has
+    reduced already (amax, a scalar, with other sums in one pass: router.NormFold's tile): the same codes, sx and SX
+    without a reshape (whose layout change costs barriers). col: ``byte_cols`` in x's layout."""
+    amax = tl.maximum(amax, _TINY_F)
+    q = _codes(x, amax)
+    tl.store(q_ptr + k0 + col, q.to(tl.int8))
+    sp = s_ptr + (k0 // GROUP) * 2
+    tl.store(sp, tl.math.div_rn(amax, _QMAX_F))
+    tl.store(sp + 1, tl.sum(q, axis=0))
 
 
 @triton.jit
@@ -142,5 +161,5 @@ def check_x_int8(x_int8: tuple[torch.Tensor, torch.Tensor], M: int, K: int, grou
                          f"{tuple(xs.shape)} {xs.dtype}")
 
 
-__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "quantize_groups", "byte_cols",
-           "check_x_int8", "xdest", "XPERM", "QMAX"]
+__all__ = ["quantize_x_int8", "quantize_x_int8_ref", "dequantize_x_int8", "quantize_groups", "quantize_group",
+           "byte_cols", "check_x_int8", "xdest", "XPERM", "QMAX"]

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_int8 import byte_cols, quantize_groups, xdest
+from .act_int8 import byte_cols, quantize_group, quantize_groups, xdest
 
 PDL = True  # launch the glue kernels with programmatic dependent launch where the GPU and triton allow it
 # the norm weights, the rotary's cos / sin rows and the attention's first block of keys and values loaded before
@@ -201,6 +201,11 @@ def fc1_partial(w_t, xv, s_t):
 
 
 @triton.jit
+def _max_and_sum(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), b0 + b1
+
+
+@triton.jit
 def norm_fold_fc1(s_ptr, w1_ptr, t, K, g0, g1, g2, R: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                   GROUP: tl.constexpr):
     """The fc1 tiles (decode_step.fc1_tile) of up to 3 routers over group t (R = 0: none), none read for a router
@@ -246,8 +251,9 @@ def norm_fold_tile(y, t, h, w, col, fc1, g0, g1, g2, h_ptr, xq_ptr, xs_ptr, ss_p
         if g2 == 0:
             tl.store(ws_ptr + (2 * T + t) * HP + offs_h, fc1_partial(w2, v, s2))
     tl.store(h_ptr + offs, hn)
-    quantize_groups(v, xq_ptr, xs_ptr, t * GROUP, col, 1, GROUP)
-    tl.store(ss_ptr + t, tl.sum(hf * hf, axis=0))
+    amax, ss = tl.reduce((tl.abs(v), hf * hf), 0, _max_and_sum)  # one pass across the warps for both
+    quantize_group(v, amax, xq_ptr, xs_ptr, t * GROUP, col, GROUP)
+    tl.store(ss_ptr + t, ss)
 
 
 # ------------------------------------------------------------------------------------------ rotary + cache write
