@@ -399,7 +399,7 @@ class DecodeEngine:
         block) and gate/up are computed by the linear before them (down_proj, o_proj: ``sliced_gemv_cc(...,
         fold=)``) with the int8 codes of their input, so that neither group's router is launched (router.NormFold);
         a second graph. Needs attention_router and int8 activations, every group routed and fused, and o_proj and
-        down_proj on tiles of 128 rows."""
+        down_proj without bias, on tiles of 128 rows."""
         asked = self._norm_fold_asked
         why = None
         if not (self.attention_router and self.int8_activations):
@@ -412,6 +412,8 @@ class DecodeEngine:
 
             for entry in self.blocks:
                 for leaf in ("o_proj", "down_proj"):
+                    if entry[leaf][0].bias is not None:  # the fold adds y to h in the kernel: no bias after it
+                        why = "o_proj and down_proj without bias"
                     P = self.packed[entry[leaf][1]]
                     cfg = lookup("sliced_gemv_cc_a8", 1, P.out_features, P.in_features) or \
                         lookup("sliced_gemv_cc", 1, P.out_features, P.in_features) or {"BLOCK_N": 128}

@@ -241,6 +241,11 @@ def test_norm_fold_engine(routed_model, monkeypatch):
     assert torch.equal(ef.k_cache != 0, en.k_cache != 0)
     with pytest.raises(MoBiQuantError, match="norm_fold needs"):
         DecodeEngine(model, 16, use_kernels=True, capture=False, norm_fold=True)  # fp16 activations
+    o = model.model.layers[1].self_attn.o_proj  # a bias after o_proj: its output cannot go straight into h
+    o.bias = torch.nn.Parameter(torch.zeros(o.out_features, dtype=torch.float16, device=DEVICE))
+    assert not DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True).norm_fold
+    with pytest.raises(MoBiQuantError, match="without bias"):
+        DecodeEngine(model, 16, use_kernels=True, capture=False, int8_activations=True, norm_fold=True)
 
 
 def test_rope_in_the_qkv_launch(routed_model, monkeypatch):
