@@ -570,7 +570,9 @@ def main():
                 engine="fused decode glue, q/k/v and gate/up one launch each, split router with PDL trigger, "
                 "router finished inside the linears (fuse_router), norms and SiLU·up inside the router launches "
                 "(router_glue), the rotary inside the q/k/v launch where its tiles hold whole heads (fuse_rope), "
-                "the step's tail (fp32 logits, greedy token, next position) in one launch (greedy_step)"
+                "the step's tail (fp32 logits, greedy token, next position) in one launch (greedy_step), o_proj's "
+                "router in the attention's epilogue (attention_router); int8 activations: where no count is routed, "
+                "a second graph with the norms before q/k/v and gate/up in o_proj's and down_proj's tiles (norm_fold)"
                 + (", fuse_router off / on alternately (A/B)" if args.router_ab else "")
                 + (", glue and router PDL off / on alternately (A/B)" if args.pdl_ab
                    else ", glue and router launched with PDL" if args.glue_pdl else ", glue and router without PDL"))
