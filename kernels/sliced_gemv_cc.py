@@ -1108,6 +1108,14 @@ def default_config_cc(M: int, N: int, K: int, group_size: int) -> dict:
     return dict(BLOCK_N=bn, GPI=1, SPLIT_K=sk, num_warps=4, num_stages=1, PF=1, PDL=1)
 
 
+def config_cc(M: int, N: int, K: int, group_size: int, int8: bool) -> dict:
+    """The launch configuration ``sliced_gemv_cc`` uses when none is given: the tuned entry for the int8 path
+    (``sliced_gemv_cc_a8``) where int8 activations have one, else the fp16 path's, else ``default_config_cc``.
+    N: the launch's rows (all its weights)."""
+    return ((int8 and lookup("sliced_gemv_cc_a8", M, N, K)) or lookup("sliced_gemv_cc", M, N, K)
+            or default_config_cc(M, N, K, group_size))
+
+
 def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k: torch.Tensor | None,
                    out: torch.Tensor | None = None, config: dict | None = None,
                    use_asm: bool | None = None, route: RoutePlan | None = None,
@@ -1165,8 +1173,7 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     if x.dtype != torch.float16:
         raise TypeError(f"sliced_gemv_cc takes fp16 x, got {x.dtype} (use sliced_gemv)")
     use_asm = (not _interpret()) if use_asm is None else use_asm
-    cfg = (config or (x_int8 is not None and lookup("sliced_gemv_cc_a8", M, N, K)) or lookup("sliced_gemv_cc", M, N, K)
-           or default_config_cc(M, N, K, p0.group_size))
+    cfg = config or config_cc(M, N, K, p0.group_size, x_int8 is not None)
     BN, GPI, SK = cfg["BLOCK_N"], cfg.get("GPI", 1), cfg["SPLIT_K"]
     G = K // p0.group_size
     SK = split_count(G, min(SK, triton.cdiv(G, GPI)))
@@ -1253,4 +1260,5 @@ def sliced_gemv_cc(x: torch.Tensor, packed: PackedSlices | list[PackedSlices], k
     return y if q_out is None else q_out
 
 
-__all__ = ["sliced_gemv_cc", "default_config_cc", "MAX_TOKENS_CC", "asm_cc_text", "asm_xsum_text", "asm_mma8_text"]
+__all__ = ["sliced_gemv_cc", "config_cc", "default_config_cc", "MAX_TOKENS_CC", "asm_cc_text", "asm_xsum_text",
+           "asm_mma8_text"]

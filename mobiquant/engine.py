@@ -408,22 +408,21 @@ class DecodeEngine:
                      for grp, mb in zip(self.groups, self.multi) for key in ("qkv", "o", "gu", "down")):
             why = "every group routed, q/k/v and gate/up one launch each"
         else:
-            from .kernels.tuning import lookup
+            from .kernels.sliced_gemv_cc import config_cc
 
             for entry in self.blocks:
                 for leaf in ("o_proj", "down_proj"):
                     if entry[leaf][0].bias is not None:  # the fold adds y to h in the kernel: no bias after it
                         why = "o_proj and down_proj without bias"
                     P = self.packed[entry[leaf][1]]
-                    cfg = lookup("sliced_gemv_cc_a8", 1, P.out_features, P.in_features) or \
-                        lookup("sliced_gemv_cc", 1, P.out_features, P.in_features) or {"BLOCK_N": 128}
+                    cfg = config_cc(1, P.out_features, P.in_features, P.group_size, True)  # the launch's own tile
                     if cfg["BLOCK_N"] != 128 or P.out_features % 128:
                         why = "o_proj and down_proj on tiles of 128 rows"
         self.norm_fold = why is None if asked is None else bool(asked)
         if asked and why is not None:
             raise MoBiQuantError(f"norm_fold needs {why}")
-        self.x8_fold = {K: (torch.zeros_like(q), torch.zeros_like(s)) for K, (q, s) in self.x8.items()} \
-            if self.norm_fold else {}
+        D = self.base.embed_tokens.weight.shape[1]  # the folds write the hidden width's codes only
+        self.x8_fold = {D: tuple(torch.zeros_like(t) for t in self.x8[D])} if self.norm_fold else {}
 
     def _fold(self, group, h: torch.Tensor, ln, th):
         """The NormFold of a group whose input is ln(h + y), y the output of the launch it is passed to (every
