@@ -419,7 +419,6 @@ class NormFold:
 
     h: torch.Tensor
     w: torch.Tensor
-    eps: float
     xq: torch.Tensor
     xs: torch.Tensor
     ss: torch.Tensor
@@ -457,7 +456,7 @@ def norm_fold(h: torch.Tensor, w: torch.Tensor, eps: float, s: torch.Tensor, w1:
     ws, ss = buf[:R * T * HP], buf[R * T * HP:R * T * HP + T]
     plan = RoutePlan(ws, b1, w2, b2, tau, force_on, force_off, given, counts_in, out,
                      dict(H=H, EM1=w2.shape[1], HP=HP, SPLIT=T), x=h, h=h, rstd=(ss, float(eps)))
-    return NormFold(h, w, float(eps), x_int8[0], x_int8[1], ss, s, w1, given, ws, plan, routed)
+    return NormFold(h, w, x_int8[0], x_int8[1], ss, s, w1, given, ws, plan, routed)
 
 
 def route_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, window: int,

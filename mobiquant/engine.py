@@ -658,7 +658,6 @@ class DecodeEngine:
                     if l + 1 < L else None
                 if folded is not None:
                     cd, _, _ = self._route_linear(grp["down"], blk["down_proj"], None, th, silu=(g, u), fold=folded)
-                    pending = None
                 else:
                     cd, pending = self._silu_down(grp["down"], blk, g, u, th)
                 all_counts += [c, co, cg, cd]
